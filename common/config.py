@@ -1,0 +1,126 @@
+"""Settings, read from the environment and `.env` by pydantic-settings.
+
+Each group has its own prefix (IOTA_S3_, IOTA_CHAIN_, ...) and is documented field by field in
+`.env.example`; a test keeps the two in step. Daemons compose the groups they need.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _config(prefix: str) -> SettingsConfigDict:
+    # Empty values in .env mean "use the default", so .env.example can list optional settings blank.
+    return SettingsConfigDict(env_prefix=prefix, env_file=".env", env_ignore_empty=True, extra="ignore")
+
+
+class WalletSettings(BaseSettings):
+    """The bittensor wallet whose hotkey signs this process's requests."""
+
+    model_config = _config("IOTA_WALLET_")
+
+    name: str = Field("default", description="Wallet (coldkey) name under the wallets path.")
+    hotkey: str = Field("default", description="Hotkey name inside the wallet.")
+    path: Path = Field(Path("~/.bittensor/wallets"), description="Folder that holds the wallets.")
+
+    @field_validator("path")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
+
+
+class ChainSettings(BaseSettings):
+    """Which chain supplies identities and receives weights."""
+
+    model_config = _config("IOTA_CHAIN_")
+
+    backend: Literal["local", "bittensor"] = Field(
+        "local", description="`local`: a file-backed chain for devnet and tests; `bittensor`: the real chain."
+    )
+    netuid: int = Field(9, ge=0, description="Subnet uid.")
+    network: str = Field(
+        "finney", description="bittensor network name or websocket endpoint (backend=bittensor)."
+    )
+    metagraph_ttl_s: float = Field(
+        60.0, gt=0, description="How long a metagraph read from the bittensor chain is reused, in seconds."
+    )
+    local_path: Path = Field(
+        Path(".iota/chain.json"), description="State file of the local chain (backend=local)."
+    )
+    local_block_time_s: float = Field(
+        12.0, gt=0, description="Seconds per block on the local chain (backend=local)."
+    )
+
+
+class S3Settings(BaseSettings):
+    """The bucket that carries activations, gradients, weights and checkpoints."""
+
+    model_config = _config("IOTA_S3_")
+
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint; empty means AWS S3. Use the R2 or MinIO URL for those stores."
+    )
+    region: str = Field("us-east-1", description="Region name used for signing (`auto` for R2).")
+    bucket: str = Field("iota", description="Bucket name; created on start-up if it does not exist.")
+    access_key_id: SecretStr = Field(SecretStr("iota-local"), description="Access key id.")
+    secret_access_key: SecretStr = Field(SecretStr("iota-local-secret"), description="Secret access key.")
+    presign_expiry_s: int = Field(
+        900, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned URLs, in seconds."
+    )
+    multipart_part_mb: int = Field(
+        64, ge=5, le=5 * 1024, description="Part size for multipart uploads, in MiB (S3 minimum is 5)."
+    )
+    max_object_mb: int = Field(
+        8 * 1024, ge=1, description="Largest object the network accepts or downloads, in MiB."
+    )
+
+
+class AuthSettings(BaseSettings):
+    """Epistula request signing and verification."""
+
+    model_config = _config("IOTA_AUTH_")
+
+    freshness_window_ms: int = Field(
+        10_000, ge=100, description="How far a request's timestamp may be from now, either way, in ms."
+    )
+    replay_cache_size: int = Field(
+        1_000_000, ge=1_000, description="Most request UUIDs remembered at once to reject replays."
+    )
+    max_body_bytes: int = Field(
+        1_048_576, ge=1_024, description="Largest signed request body accepted, in bytes."
+    )
+
+
+class ModelSettings(BaseSettings):
+    """Which model the run trains."""
+
+    model_config = _config("IOTA_MODEL_")
+
+    preset: str = Field("tiny", description="Model preset: tiny, 100m, 1.5b or 15b.")
+    bottleneck_ratio: int | None = Field(
+        None, ge=1, description="d_model / b at stage boundaries; empty keeps the preset's default."
+    )
+    seed: int = Field(0, description="Seed of the identical initialisation every replica starts from.")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        from common.model.config import PRESETS  # lazily: the model package imports torch
+
+        if value not in PRESETS:
+            raise ValueError(f"unknown preset '{value}'; choose one of {', '.join(PRESETS)}")
+        return value
+
+
+# Every settings group, so that .env.example can be checked against them.
+ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
+    WalletSettings,
+    ChainSettings,
+    S3Settings,
+    AuthSettings,
+    ModelSettings,
+)

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Installs IOTA into ./.venv. Idempotent: a re-run with nothing changed returns in about a second.
+#
+#   ./setup.sh [--role dev|miner|validator|orchestrator] [--cpu|--cuda] [--quiet]
+#
+# Roles: `dev` (the default, and what CI uses) adds the test tools; the daemon roles install the runtime
+# only and create .env from .env.example if it is missing. Torch: a CUDA build where `nvidia-smi` sees a
+# GPU, a CPU build otherwise; --cpu/--cuda override the detection. TORCH_INDEX_URL, if set, is passed to
+# pip as the index for torch alone (for example a CPU-only wheel index on a machine without one on disk).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+role=dev
+torch_flavor=auto
+quiet=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --role) role="${2:?--role needs a value}"; shift 2 ;;
+    --role=*) role="${1#--role=}"; shift ;;
+    --cpu) torch_flavor=cpu; shift ;;
+    --cuda) torch_flavor=cuda; shift ;;
+    --quiet|-q) quiet=1; shift ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+case "$role" in dev|miner|validator|orchestrator) ;; *)
+  echo "setup.sh: --role must be dev, miner, validator or orchestrator, not '$role'" >&2; exit 2 ;;
+esac
+
+say() { [ "$quiet" = 1 ] || echo "setup: $*"; }
+
+python="${PYTHON:-python3}"
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "setup.sh: Python 3.11 or newer is required ('$python' is $("$python" --version 2>&1 || echo missing))." >&2
+  echo "          Set PYTHON=/path/to/python3.11 and run again." >&2
+  exit 1
+fi
+
+if [ "$torch_flavor" = auto ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then torch_flavor=cuda; else torch_flavor=cpu; fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv with $("$python" --version)"
+  "$python" -m venv .venv
+fi
+py=.venv/bin/python
+pip=( "$py" -m pip install --disable-pip-version-check )
+[ "$quiet" = 1 ] && pip+=( -q )
+
+# Torch first, so that the project's own `torch>=` range is already satisfied and pip keeps this build.
+have_torch=$("$py" -c 'import torch; print("cuda" if torch.version.cuda else "cpu")' 2>/dev/null || true)
+if [ "$have_torch" != "$torch_flavor" ] && ! { [ "$torch_flavor" = cpu ] && [ -n "$have_torch" ]; }; then
+  index=()
+  [ -n "${TORCH_INDEX_URL:-}" ] && index=( --index-url "$TORCH_INDEX_URL" )
+  if [ "$torch_flavor" = cuda ]; then
+    say "installing a CUDA build of torch"
+    "${pip[@]}" "${index[@]}" "torch>=2.5"
+  else
+    say "installing a CPU build of torch"
+    "${pip[@]}" "${index[@]}" "torch==2.13.0"
+  fi
+fi
+
+extras=""
+[ "$role" = dev ] && extras="[dev]"
+stamp=".venv/.iota-installed-$role"
+want="$(cat pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  say "installing iota$extras and its dependencies"
+  "${pip[@]}" -e ".$extras"
+  echo "$want" > "$stamp"
+else
+  say "iota$extras is up to date"
+fi
+
+if [ "$role" != dev ] && [ ! -f .env ]; then
+  cp .env.example .env
+  say "created .env from .env.example: edit it before starting the $role"
+fi
+say "done ($role, torch $("$py" -c 'import torch; print(torch.__version__)'))"
