@@ -1,0 +1,372 @@
+"""Epistula v2: signing and verifying HTTP requests with a bittensor sr25519 hotkey.
+
+Every request between the orchestrator, miners and validators carries these headers:
+
+    Epistula-Version: 2
+    Epistula-Timestamp: <int, ms since the epoch>
+    Epistula-Uuid: <uuid4>
+    Epistula-Signed-By: <sender's ss58 hotkey>
+    Epistula-Request-Signature: 0x<hex of the 64-byte sr25519 signature>
+    Epistula-Signed-For: <receiver's ss58 hotkey, optional, may be empty>
+
+and the signature covers the UTF-8 message f"{sha256(body).hexdigest()}.{uuid}.{timestamp}.{signed_for}".
+All parameters travel in the signed JSON body, never in unsigned query strings, so the body is all the
+verifier needs to cover.
+
+This module is about signatures only: whether a hotkey is registered or holds a permit is for the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import threading
+import time
+import uuid as uuid_lib
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Generator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from bittensor.sp_core import Keypair, verify
+from fastapi import HTTPException, Request
+
+from common.config import AuthSettings
+
+VERSION = "2"
+HEADER_VERSION = "Epistula-Version"
+HEADER_TIMESTAMP = "Epistula-Timestamp"
+HEADER_UUID = "Epistula-Uuid"
+HEADER_SIGNED_BY = "Epistula-Signed-By"
+HEADER_SIGNATURE = "Epistula-Request-Signature"
+HEADER_SIGNED_FOR = "Epistula-Signed-For"
+REQUIRED_HEADERS = (HEADER_VERSION, HEADER_TIMESTAMP, HEADER_UUID, HEADER_SIGNED_BY, HEADER_SIGNATURE)
+
+# bittensor addresses use the generic substrate prefix. Accepting other prefixes would let one public key
+# appear under several ss58 strings, i.e. several identities and several replay-cache keys.
+SS58_FORMAT = 42
+SIGNATURE_BYTES = 64
+
+_TIMESTAMP_RE = re.compile(r"[0-9]{1,20}")
+_SIGNATURE_RE = re.compile(rf"0x[0-9a-fA-F]{{{2 * SIGNATURE_BYTES}}}")
+# A timestamp this close to now once multiplied by 1000 was almost certainly sent in seconds.
+_SECONDS_TOLERANCE_MS = 24 * 3600 * 1000
+
+
+class AuthError(Exception):
+    """A request that failed verification; `reason` is safe and useful to show the sender."""
+
+    def __init__(self, status_code: int, reason: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(reason)
+        self.status_code = status_code
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+def _unauthorized(reason: str) -> AuthError:
+    return AuthError(401, reason)
+
+
+def _too_large(limit: int) -> AuthError:
+    return AuthError(413, f"request body larger than {limit} bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedRequest:
+    """A request whose body was signed by `hotkey` within the freshness window and not seen before."""
+
+    hotkey: str
+    uuid: str
+    timestamp_ms: int
+    signed_for: str
+    body: bytes
+
+    def json(self) -> Any:
+        """The body parsed as JSON (raises ValueError if it is not)."""
+        return json.loads(self.body)
+
+
+# --- signing ---------------------------------------------------------------------------------------------
+
+
+def signing_message(body: bytes, uuid: str, timestamp: str, signed_for: str) -> bytes:
+    """The exact bytes an Epistula v2 signature covers."""
+    return f"{hashlib.sha256(body).hexdigest()}.{uuid}.{timestamp}.{signed_for}".encode()
+
+
+def sign_request(
+    keypair: Keypair,
+    body: bytes,
+    *,
+    signed_for: str = "",
+    now_ms: int | None = None,
+    uuid: str | None = None,
+) -> dict[str, str]:
+    """Epistula v2 headers that sign `body` with `keypair`; a fresh uuid and the current time by default."""
+    timestamp = str(time.time_ns() // 1_000_000 if now_ms is None else now_ms)
+    request_uuid = str(uuid_lib.uuid4()) if uuid is None else uuid
+    signature = bytes(keypair.sign(signing_message(body, request_uuid, timestamp, signed_for)))
+    headers = {
+        HEADER_VERSION: VERSION,
+        HEADER_TIMESTAMP: timestamp,
+        HEADER_UUID: request_uuid,
+        HEADER_SIGNED_BY: keypair.ss58_address,
+        HEADER_SIGNATURE: "0x" + signature.hex(),
+    }
+    if signed_for:
+        headers[HEADER_SIGNED_FOR] = signed_for
+    return headers
+
+
+class EpistulaAuth(httpx.Auth):
+    """httpx auth that signs each request's body; works with both `httpx.Client` and `httpx.AsyncClient`.
+
+    Every send, a retried call included, gets a fresh uuid and timestamp: the receiver refuses repeats.
+    """
+
+    requires_request_body = True
+
+    def __init__(self, keypair: Keypair, *, signed_for: str = "") -> None:
+        self._keypair = keypair
+        self._signed_for = signed_for
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers.update(sign_request(self._keypair, request.content, signed_for=self._signed_for))
+        yield request
+
+
+# --- replay protection -----------------------------------------------------------------------------------
+
+
+class ReplayCacheFull(Exception):
+    """The cache holds its maximum of unexpired entries; nothing can be admitted until one expires."""
+
+    def __init__(self, retry_after_ms: int) -> None:
+        super().__init__(f"replay cache full; an entry expires in {retry_after_ms} ms")
+        self.retry_after_ms = retry_after_ms
+
+
+class ReplayCache:
+    """Thread-safe set of recently accepted request keys, each remembered until it can no longer be fresh.
+
+    Entries sit in insertion order. Their expiries are made non-decreasing in that order (an entry's expiry
+    is raised to its predecessor's), so purging pops from the front only: amortised O(1) per insert.
+    Raising an expiry only keeps a key longer, never shorter, and since a fresh request's expiry is at most
+    now + 2 * window, every entry still leaves within 2 * window of its insertion: memory stays bounded by
+    request rate x 2 * window, the same bound exact expiries would give.
+
+    When `max_entries` unexpired keys are held, new keys are refused (`ReplayCacheFull`) rather than
+    evicting one: forgetting an unexpired key would let its request be replayed.
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self._max_entries = max_entries
+        self._entries: OrderedDict[str, int] = OrderedDict()
+        self._last_expiry_ms = 0
+        # Highest `now` used to purge. A key expiring at or before it may have been purged already, so it
+        # can no longer be told apart from a replay; this keeps replays out even if the clock steps back.
+        self._horizon_ms = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def add(self, key: str, *, expires_at_ms: int, now_ms: int) -> bool:
+        """Remember `key` until `expires_at_ms` (the first instant its request is stale).
+
+        Returns True if the key is new, False if it was seen (or is too old to tell). Raises
+        `ReplayCacheFull` if the key is new but the cache is full of unexpired keys.
+        """
+        with self._lock:
+            self._purge(now_ms)
+            if key in self._entries or expires_at_ms <= self._horizon_ms:
+                return False
+            if len(self._entries) >= self._max_entries:
+                oldest_expiry_ms = next(iter(self._entries.values()))
+                raise ReplayCacheFull(retry_after_ms=oldest_expiry_ms - self._horizon_ms)
+            self._last_expiry_ms = max(expires_at_ms, self._last_expiry_ms)
+            self._entries[key] = self._last_expiry_ms
+            return True
+
+    def _purge(self, now_ms: int) -> None:
+        self._horizon_ms = max(self._horizon_ms, now_ms)
+        entries = self._entries
+        while entries and next(iter(entries.values())) <= self._horizon_ms:
+            entries.popitem(last=False)
+
+
+# --- verification ----------------------------------------------------------------------------------------
+
+
+class EpistulaVerifier:
+    """Checks Epistula v2 headers against a body; cheap checks first, the replay cache last.
+
+    `clock` returns seconds since the epoch (like `time.time`). With `expected_receiver` set, requests must
+    be signed for that ss58 address, so a request meant for another receiver cannot be replayed here.
+    Verifiers that guard the same endpoints should share one `replay_cache`. `admit(hotkey)`, if given,
+    runs after the signature and before the replay cache: a hotkey it refuses (say, one not registered on
+    the subnet) gets 403 and never takes a cache slot, so unregistered keys cannot fill the cache.
+    """
+
+    def __init__(
+        self,
+        settings: AuthSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        expected_receiver: str | None = None,
+        replay_cache: ReplayCache | None = None,
+        admit: Callable[[str], bool] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._admit = admit
+        self._clock = clock
+        self._expected_receiver = expected_receiver
+        # `is None`, not `or`: an empty cache has len 0 and is falsy.
+        self.replay_cache = ReplayCache(settings.replay_cache_size) if replay_cache is None else replay_cache
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.settings.max_body_bytes
+
+    def verify(self, headers: Mapping[str, str], body: bytes) -> VerifiedRequest:
+        """The verified request, or `AuthError` saying what is wrong with it."""
+        if len(body) > self.max_body_bytes:
+            raise _too_large(self.max_body_bytes)
+        lowered = {name.lower(): value for name, value in headers.items()}
+        version, timestamp, request_uuid, signed_by, signature = (
+            _required(lowered, name) for name in REQUIRED_HEADERS
+        )
+        signed_for = lowered.get(HEADER_SIGNED_FOR.lower(), "")
+        if version != VERSION:
+            raise _unauthorized(f"unsupported {HEADER_VERSION} {version!r}; expected {VERSION!r}")
+        now_ms = int(self._clock() * 1000)
+        timestamp_ms = self._check_timestamp(timestamp, now_ms)
+        canonical_uuid = _parse_uuid(request_uuid)
+        _check_ss58(signed_by)
+        signature_bytes = _parse_signature(signature)
+        if self._expected_receiver is not None and signed_for != self._expected_receiver:
+            raise _unauthorized(
+                f"{HEADER_SIGNED_FOR} is {signed_for!r}; this receiver is {self._expected_receiver!r}"
+            )
+        message = signing_message(body, request_uuid, timestamp, signed_for)
+        if not verify(message, signature_bytes, signed_by):
+            raise _unauthorized(f"signature does not match the body and headers for {signed_by}")
+        if self._admit is not None and not self._admit(signed_by):
+            raise AuthError(403, f"hotkey {signed_by} is not allowed here (is it registered on the subnet?)")
+        # Only a verified request reaches the cache, so forged requests cannot burn anyone's uuids.
+        self._remember(f"{signed_by}:{canonical_uuid}", timestamp_ms, now_ms)
+        return VerifiedRequest(
+            hotkey=signed_by,
+            uuid=canonical_uuid,
+            timestamp_ms=timestamp_ms,
+            signed_for=signed_for,
+            body=body,
+        )
+
+    def _check_timestamp(self, timestamp: str, now_ms: int) -> int:
+        if not _TIMESTAMP_RE.fullmatch(timestamp):
+            raise _unauthorized(f"{HEADER_TIMESTAMP} must be an integer number of milliseconds")
+        timestamp_ms = int(timestamp)
+        window_ms = self.settings.freshness_window_ms
+        age_ms = now_ms - timestamp_ms
+        if abs(age_ms) <= window_ms:
+            return timestamp_ms
+        if abs(timestamp_ms * 1000 - now_ms) <= _SECONDS_TOLERANCE_MS:
+            raise _unauthorized(f"{HEADER_TIMESTAMP} looks like seconds; Epistula v2 uses milliseconds")
+        if age_ms > 0:
+            raise _unauthorized(f"stale request: timestamp is {age_ms} ms old, window is {window_ms} ms")
+        raise _unauthorized(
+            f"timestamp is {-age_ms} ms in the future, window is {window_ms} ms; check the sender's clock"
+        )
+
+    def _remember(self, key: str, timestamp_ms: int, now_ms: int) -> None:
+        # +1: a timestamp exactly `window` old is still fresh, so it expires the millisecond after.
+        expires_at_ms = timestamp_ms + self.settings.freshness_window_ms + 1
+        try:
+            is_new = self.replay_cache.add(key, expires_at_ms=expires_at_ms, now_ms=now_ms)
+        except ReplayCacheFull as full:
+            # The whole server is over capacity, not this sender: 503 and a hint when to come back.
+            raise AuthError(
+                503,
+                "server is receiving more requests than it can protect against replay; retry later",
+                retry_after_s=max(1, math.ceil(full.retry_after_ms / 1000)),
+            ) from None
+        if not is_new:
+            raise _unauthorized("replayed request: this uuid was already used")
+
+
+def _required(lowered: Mapping[str, str], name: str) -> str:
+    value = lowered.get(name.lower())
+    if value is None:
+        raise _unauthorized(f"missing header {name}")
+    return value
+
+
+def _parse_uuid(value: str) -> str:
+    try:
+        return str(uuid_lib.UUID(value))
+    except ValueError:
+        raise _unauthorized(f"{HEADER_UUID} is not a UUID") from None
+
+
+def _check_ss58(address: str) -> None:
+    try:
+        canonical = Keypair(ss58_address=address).ss58_address
+    except ValueError:
+        raise _unauthorized(f"{HEADER_SIGNED_BY} is not a valid ss58 address") from None
+    if canonical != address:
+        raise _unauthorized(f"{HEADER_SIGNED_BY} must use ss58 prefix {SS58_FORMAT}: {canonical}")
+
+
+def _parse_signature(value: str) -> bytes:
+    if not _SIGNATURE_RE.fullmatch(value):
+        raise _unauthorized(f"{HEADER_SIGNATURE} must be 0x followed by {2 * SIGNATURE_BYTES} hex digits")
+    return bytes.fromhex(value[2:])
+
+
+# --- FastAPI integration ---------------------------------------------------------------------------------
+
+
+def signed_request_dependency(verifier: EpistulaVerifier) -> Callable[[Request], Awaitable[VerifiedRequest]]:
+    """A FastAPI dependency that reads the body (at most `max_body_bytes`) and verifies it.
+
+    Use it as `Depends(signed_request_dependency(verifier))` and parse `VerifiedRequest.body` in the route.
+    Do not also declare a body parameter: FastAPI would read the body before this dependency could limit it.
+    """
+
+    async def verified_request(request: Request) -> VerifiedRequest:
+        try:
+            body = await _read_body(request, verifier.max_body_bytes)
+            return verifier.verify(request.headers, body)
+        except AuthError as error:
+            raise _http_exception(error) from None
+
+    return verified_request
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    # Content-Length lets us refuse before reading anything; without it, stop as soon as we pass the limit.
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _too_large(limit)
+    return bytes(body)
+
+
+def _http_exception(error: AuthError) -> HTTPException:
+    headers: dict[str, str] = {}
+    if error.status_code == 401:
+        headers["WWW-Authenticate"] = "Epistula"
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = str(error.retry_after_s)
+    return HTTPException(status_code=error.status_code, detail=error.reason, headers=headers or None)
