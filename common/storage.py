@@ -1,0 +1,479 @@
+"""Object storage: the orchestrator's credentialed S3 client and the miners' URL-only transfer functions.
+
+Only the orchestrator holds S3 credentials (`ObjectStore`); it hands miners presigned URLs, and miners move
+bytes with the module functions `upload_to_url`, `download_from_url` and `upload_multipart`, which need
+nothing but those URLs. Every failure surfaces as `StorageError`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import boto3
+import httpx
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import BaseModel, ConfigDict, Field
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random,
+)
+
+from common.config import S3Settings
+
+T = TypeVar("T")
+
+MAX_KEY_LEN = 512
+# Slashes separate segments; everything else is what run ids, ss58 hotkeys and item ids are made of.
+_KEY_CHARS = re.compile(r"[A-Za-z0-9._/-]+")
+_DELETE_BATCH = 1000  # DeleteObjects accepts at most 1000 keys per call.
+_MAX_PART_NUMBER = 10_000  # S3's limit on parts per multipart upload.
+_MAX_PRESIGN_S = 7 * 24 * 3600  # SigV4 presigned URLs cannot live longer than a week.
+_ERROR_EXCERPT_CHARS = 300
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed; `status` is the HTTP status when the store answered with one."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ObjectInfo(BaseModel):
+    """What a HEAD reveals about a stored object."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    size: int = Field(ge=0)
+    etag: str = Field(description="ETag without the surrounding quotes.")
+
+
+class CompletedPart(BaseModel):
+    """One uploaded part of a multipart upload, as CompleteMultipartUpload needs it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    part_number: int = Field(ge=1, le=_MAX_PART_NUMBER)
+    etag: str = Field(min_length=1, description="ETag without the surrounding quotes.")
+
+
+class RetryPolicy(BaseModel):
+    """Bounded exponential backoff (with jitter, so many miners do not retry in lockstep)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    attempts: int = Field(4, ge=1)
+    initial_wait_s: float = Field(0.5, ge=0)
+    max_wait_s: float = Field(4.0, ge=0)
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Keys
+
+
+def validate_key(key: str) -> str:
+    """Return `key` if it is a safe object key, else raise StorageError.
+
+    Empty, "." and ".." segments are refused as well as a leading "/": HTTP clients normalise such paths
+    (RFC 3986 dot-segment removal), which would break presigned signatures or escape a key's prefix.
+    """
+    if not key or len(key) > MAX_KEY_LEN:
+        raise StorageError(f"object key must be 1..{MAX_KEY_LEN} characters, got {len(key)}")
+    if not _KEY_CHARS.fullmatch(key):
+        raise StorageError(f"object key has characters outside [A-Za-z0-9._/-]: {key[:80]!r}")
+    if ".." in key or key.startswith("/"):
+        raise StorageError(f"object key must not contain '..' or start with '/': {key[:80]!r}")
+    if any(segment in ("", ".") for segment in key.split("/")):
+        raise StorageError(f"object key has an empty or '.' segment: {key[:80]!r}")
+    return key
+
+
+def validate_prefix(prefix: str) -> str:
+    """Like `validate_key`, but also accepts "" (everything) and a trailing "/"."""
+    if prefix:
+        validate_key(prefix.removesuffix("/"))
+    return prefix
+
+
+def part_count(size: int, part_size: int) -> int:
+    """How many parts (and so presigned part URLs) an object of `size` bytes needs; at least one."""
+    if part_size <= 0:
+        raise StorageError(f"part size must be positive, got {part_size}")
+    return max(1, math.ceil(size / part_size))
+
+
+def _unquote_etag(etag: str) -> str:
+    return etag.strip().strip('"')
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Server side: holds the credentials
+
+
+class ObjectStore:
+    """The orchestrator's handle on the bucket: presigns URLs for miners and manages objects directly."""
+
+    def __init__(self, client: Any, bucket: str, *, region: str, presign_expiry_s: int) -> None:
+        self._s3 = client
+        self.bucket = bucket
+        self._region = region
+        self._presign_expiry_s = presign_expiry_s
+
+    @classmethod
+    def from_settings(cls, settings: S3Settings) -> ObjectStore:
+        config = Config(
+            # Without these some stores get SigV2 or virtual-host URLs that 127.0.0.1 and R2 cannot serve.
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 4, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=60,
+        )
+        client = boto3.client(
+            "s3",
+            endpoint_url=settings.endpoint_url or None,
+            region_name=settings.region,
+            aws_access_key_id=settings.access_key_id.get_secret_value(),
+            aws_secret_access_key=settings.secret_access_key.get_secret_value(),
+            config=config,
+        )
+        return cls(
+            client, settings.bucket, region=settings.region, presign_expiry_s=settings.presign_expiry_s
+        )
+
+    # -- bucket ---------------------------------------------------------------------------------------
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket unless it exists; safe to call repeatedly and from racing processes."""
+        try:
+            self._s3.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as e:
+            if _status(e) != 404:
+                raise _wrap(e, f"head bucket {self.bucket}") from e
+        kwargs: dict[str, Any] = {"Bucket": self.bucket}
+        # us-east-1 rejects an explicit LocationConstraint; R2's "auto" is not a location.
+        if self._region not in ("us-east-1", "auto"):
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self._region}
+        try:
+            self._s3.create_bucket(**kwargs)
+        except ClientError as e:
+            if _code(e) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise _wrap(e, f"create bucket {self.bucket}") from e
+
+    # -- presigning -----------------------------------------------------------------------------------
+
+    def presign_put(self, key: str, *, expires_s: int | None = None) -> str:
+        return self._presign("put_object", {"Key": validate_key(key)}, expires_s)
+
+    def presign_get(self, key: str, *, expires_s: int | None = None) -> str:
+        return self._presign("get_object", {"Key": validate_key(key)}, expires_s)
+
+    def presign_part(
+        self, key: str, upload_id: str, part_number: int, *, expires_s: int | None = None
+    ) -> str:
+        if not 1 <= part_number <= _MAX_PART_NUMBER:
+            raise StorageError(f"part number must be 1..{_MAX_PART_NUMBER}, got {part_number}")
+        params = {"Key": validate_key(key), "UploadId": upload_id, "PartNumber": part_number}
+        return self._presign("upload_part", params, expires_s)
+
+    def _presign(self, method: str, params: dict[str, Any], expires_s: int | None) -> str:
+        expires = self._presign_expiry_s if expires_s is None else expires_s
+        if not 1 <= expires <= _MAX_PRESIGN_S:
+            raise StorageError(f"presign expiry must be 1..{_MAX_PRESIGN_S} s, got {expires}")
+        with _s3_errors(f"presign {method}"):
+            url: str = self._s3.generate_presigned_url(
+                method, Params={"Bucket": self.bucket, **params}, ExpiresIn=expires
+            )
+        return url
+
+    # -- objects --------------------------------------------------------------------------------------
+
+    def head(self, key: str) -> ObjectInfo | None:
+        """Size and ETag of `key`, or None when there is no such object."""
+        validate_key(key)
+        try:
+            resp = self._s3.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as e:
+            if _status(e) == 404:
+                return None
+            raise _wrap(e, f"head {key}") from e
+        except BotoCoreError as e:
+            raise StorageError(f"head {key}: {e}") from e
+        return ObjectInfo(key=key, size=resp["ContentLength"], etag=_unquote_etag(resp["ETag"]))
+
+    def get_bytes(self, key: str, *, max_bytes: int) -> bytes:
+        """The whole object, refusing (before reading it) one larger than `max_bytes`."""
+        info = self.head(key)
+        if info is None:
+            raise StorageError(f"get {key}: no such object", status=404)
+        if info.size > max_bytes:
+            raise StorageError(f"get {key}: {info.size} bytes exceeds the limit of {max_bytes}")
+        with _s3_errors(f"get {key}"):
+            resp = self._s3.get_object(Bucket=self.bucket, Key=key)
+            body = resp["Body"]
+            try:
+                # The object may have been replaced since the HEAD; never read past the limit regardless.
+                data: bytes = body.read(max_bytes + 1)
+            finally:
+                body.close()
+        if len(data) > max_bytes:
+            raise StorageError(f"get {key}: object grew past the limit of {max_bytes} bytes")
+        return data
+
+    def put_bytes(self, key: str, data: bytes) -> str:
+        """Store `data` under `key`; returns the ETag."""
+        validate_key(key)
+        with _s3_errors(f"put {key}"):
+            resp = self._s3.put_object(Bucket=self.bucket, Key=key, Body=data)
+        return _unquote_etag(resp["ETag"])
+
+    def delete(self, keys: list[str]) -> None:
+        """Delete `keys` (missing ones are fine), in batches of the 1000 that DeleteObjects allows."""
+        for key in keys:
+            validate_key(key)
+        for start in range(0, len(keys), _DELETE_BATCH):
+            batch = keys[start : start + _DELETE_BATCH]
+            with _s3_errors(f"delete {len(batch)} objects"):
+                resp = self._s3.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+                )
+            # DeleteObjects answers 200 even when single keys fail; those come back in Errors.
+            if errors := resp.get("Errors"):
+                first = errors[0]
+                raise StorageError(
+                    f"delete: {len(errors)} keys failed, e.g. {first.get('Key')}: {first.get('Message')}"
+                )
+
+    def list_keys(self, prefix: str) -> list[str]:
+        """All keys under `prefix` ("" lists the whole bucket), following pagination."""
+        validate_prefix(prefix)
+        keys: list[str] = []
+        with _s3_errors(f"list {prefix!r}"):
+            pages = self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            for page in pages:
+                keys.extend(obj["Key"] for obj in page.get("Contents", []))
+        return keys
+
+    # -- multipart ------------------------------------------------------------------------------------
+
+    def create_multipart(self, key: str) -> str:
+        """Start a multipart upload; returns its upload id."""
+        validate_key(key)
+        with _s3_errors(f"create multipart {key}"):
+            resp = self._s3.create_multipart_upload(Bucket=self.bucket, Key=key)
+        upload_id: str = resp["UploadId"]
+        return upload_id
+
+    def complete_multipart(self, key: str, upload_id: str, parts: list[CompletedPart]) -> None:
+        validate_key(key)
+        if not parts:
+            raise StorageError(f"complete multipart {key}: no parts")
+        ordered = sorted(parts, key=lambda p: p.part_number)
+        if len({p.part_number for p in ordered}) != len(ordered):
+            raise StorageError(f"complete multipart {key}: duplicate part numbers")
+        upload = {"Parts": [{"PartNumber": p.part_number, "ETag": f'"{p.etag}"'} for p in ordered]}
+        with _s3_errors(f"complete multipart {key}"):
+            self._s3.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload=upload
+            )
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        validate_key(key)
+        with _s3_errors(f"abort multipart {key}"):
+            self._s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+
+
+def _status(e: ClientError) -> int | None:
+    status: int | None = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return status
+
+
+def _code(e: ClientError) -> str:
+    return str(e.response.get("Error", {}).get("Code", ""))
+
+
+def _wrap(e: ClientError, what: str) -> StorageError:
+    return StorageError(f"{what}: {_code(e) or 'error'} {e}", status=_status(e))
+
+
+@contextmanager
+def _s3_errors(what: str) -> Iterator[None]:
+    """Turn botocore's exceptions into StorageError so callers handle one type."""
+    try:
+        yield
+    except ClientError as e:
+        raise _wrap(e, what) from e
+    except BotoCoreError as e:
+        raise StorageError(f"{what}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Client side: presigned URLs only, no credentials
+
+
+class _RetryableStatus(StorageError):
+    """A 5xx or 429: the store is overloaded or failing, so the same request may succeed later."""
+
+
+# Failures of the connection rather than of the request; ProxyError and UnsupportedProtocol are left out
+# because retrying cannot fix them.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    httpx.TimeoutException,
+    httpx.NetworkError,
+    httpx.RemoteProtocolError,
+    _RetryableStatus,
+)
+
+
+def upload_to_url(
+    url: str,
+    data: bytes,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    client: httpx.Client | None = None,
+    retry: RetryPolicy = DEFAULT_RETRY,
+) -> str:
+    """PUT `data` to a presigned URL; returns the ETag the store gave it (without quotes)."""
+
+    def put(http: httpx.Client) -> str:
+        resp = http.put(url, content=data, timeout=timeout_s)
+        _raise_for_status(resp, resp.text)
+        etag = resp.headers.get("etag")
+        if not etag:
+            raise StorageError(f"PUT {_redact(url)}: response has no ETag", status=resp.status_code)
+        return _unquote_etag(etag)
+
+    return _with_retries(f"PUT {_redact(url)}", put, client, retry)
+
+
+def download_from_url(
+    url: str,
+    *,
+    max_bytes: int,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    client: httpx.Client | None = None,
+    retry: RetryPolicy = DEFAULT_RETRY,
+) -> bytes:
+    """GET a presigned URL, aborting as soon as more than `max_bytes` have arrived."""
+
+    def get(http: httpx.Client) -> bytes:
+        with http.stream("GET", url, timeout=timeout_s) as resp:
+            if resp.status_code >= 300:
+                _raise_for_status(resp, _read_excerpt(resp))
+            declared = resp.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                raise StorageError(f"GET {_redact(url)}: {declared} bytes exceeds the limit of {max_bytes}")
+            return _read_capped(resp, max_bytes, url)
+
+    return _with_retries(f"GET {_redact(url)}", get, client, retry)
+
+
+def upload_multipart(
+    part_urls: list[str],
+    data: bytes,
+    part_size: int,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    client: httpx.Client | None = None,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    concurrency: int = 4,
+) -> list[CompletedPart]:
+    """Upload `data` in `part_size` slices, slice i to `part_urls[i]` (S3 part number i + 1).
+
+    The caller hands the result to the orchestrator, which completes the upload.
+    """
+    expected = part_count(len(data), part_size)
+    if len(part_urls) != expected:
+        raise StorageError(
+            f"{len(data)} bytes in {part_size}-byte parts need {expected} part URLs, got {len(part_urls)}"
+        )
+
+    def send(index: int, http: httpx.Client) -> CompletedPart:
+        chunk = data[index * part_size : (index + 1) * part_size]
+        etag = upload_to_url(part_urls[index], chunk, timeout_s=timeout_s, client=http, retry=retry)
+        return CompletedPart(part_number=index + 1, etag=etag)
+
+    with _client_scope(client) as http, ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        return list(pool.map(lambda i: send(i, http), range(expected)))
+
+
+def _with_retries(
+    what: str, request: Callable[[httpx.Client], T], client: httpx.Client | None, retry: RetryPolicy
+) -> T:
+    retrying = Retrying(
+        stop=stop_after_attempt(retry.attempts),
+        wait=wait_exponential(multiplier=retry.initial_wait_s, max=retry.max_wait_s)
+        + wait_random(0, retry.initial_wait_s),
+        retry=retry_if_exception_type(_TRANSIENT),
+        reraise=True,
+    )
+    with _client_scope(client) as http:
+        try:
+            return retrying(request, http)
+        except StorageError:
+            raise
+        except httpx.HTTPError as e:
+            raise StorageError(f"{what}: {type(e).__name__}: {e} (after {retry.attempts} attempts)") from e
+
+
+@contextmanager
+def _client_scope(client: httpx.Client | None) -> Iterator[httpx.Client]:
+    """Use the caller's client (connection pool, hooks) or a short-lived one of our own."""
+    if client is not None:
+        yield client
+        return
+    with httpx.Client() as own:
+        yield own
+
+
+def _raise_for_status(resp: httpx.Response, body: str) -> None:
+    status = resp.status_code
+    if status < 300:
+        return
+    where = f"{resp.request.method} {_redact(str(resp.request.url))}"
+    message = f"{where}: HTTP {status}: {body[:_ERROR_EXCERPT_CHARS]}"
+    if status >= 500 or status == 429:
+        raise _RetryableStatus(message, status=status)
+    raise StorageError(message, status=status)
+
+
+def _read_excerpt(resp: httpx.Response) -> str:
+    """The start of an error body, without reading an arbitrarily large one."""
+    buf = bytearray()
+    for chunk in resp.iter_bytes():
+        buf += chunk
+        if len(buf) >= _ERROR_EXCERPT_CHARS:
+            break
+    return buf[:_ERROR_EXCERPT_CHARS].decode("utf-8", errors="replace")
+
+
+def _read_capped(resp: httpx.Response, max_bytes: int, url: str) -> bytes:
+    # Content-Length may be absent or wrong (chunked, compressed, hostile), so count what actually arrives.
+    buf = bytearray()
+    for chunk in resp.iter_bytes():
+        buf += chunk
+        if len(buf) > max_bytes:
+            raise StorageError(f"GET {_redact(url)}: body exceeds the limit of {max_bytes} bytes")
+    return bytes(buf)
+
+
+def _redact(url: str) -> str:
+    """The URL without its query: presigned signatures are bearer credentials and must not reach logs."""
+    return url.split("?", 1)[0]
