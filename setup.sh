@@ -46,8 +46,15 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 py=.venv/bin/python
-pip=( "$py" -m pip install --disable-pip-version-check )
-[ "$quiet" = 1 ] && pip+=( -q )
+log=.venv/setup.log
+# Quiet: pip's output goes to .venv/setup.log and is shown only if pip fails.
+pip_install() {
+  if [ "$quiet" = 1 ]; then
+    "$py" -m pip install --disable-pip-version-check "$@" >"$log" 2>&1 || { tail -n 40 "$log" >&2; return 1; }
+  else
+    "$py" -m pip install --disable-pip-version-check "$@"
+  fi
+}
 
 # Torch first, so that the project's own `torch>=` range is already satisfied and pip keeps this build.
 have_torch=$("$py" -c 'import torch; print("cuda" if torch.version.cuda else "cpu")' 2>/dev/null || true)
@@ -56,10 +63,10 @@ if [ "$have_torch" != "$torch_flavor" ] && ! { [ "$torch_flavor" = cpu ] && [ -n
   [ -n "${TORCH_INDEX_URL:-}" ] && index=( --index-url "$TORCH_INDEX_URL" )
   if [ "$torch_flavor" = cuda ]; then
     say "installing a CUDA build of torch"
-    "${pip[@]}" "${index[@]}" "torch>=2.5"
+    pip_install ${index[@]+"${index[@]}"} "torch>=2.5"
   else
     say "installing a CPU build of torch"
-    "${pip[@]}" "${index[@]}" "torch==2.13.0"
+    pip_install ${index[@]+"${index[@]}"} "torch==2.13.0"
   fi
 fi
 
@@ -69,7 +76,7 @@ stamp=".venv/.iota-installed-$role"
 want="$(cat pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   say "installing iota$extras and its dependencies"
-  "${pip[@]}" -e ".$extras"
+  pip_install -e ".$extras"
   echo "$want" > "$stamp"
 else
   say "iota$extras is up to date"

@@ -35,6 +35,7 @@ from bittensor.sp_core import Keypair, verify
 from fastapi import HTTPException, Request
 
 from common.config import AuthSettings
+from common.keys import check_ss58
 
 VERSION = "2"
 HEADER_VERSION = "Epistula-Version"
@@ -47,7 +48,6 @@ REQUIRED_HEADERS = (HEADER_VERSION, HEADER_TIMESTAMP, HEADER_UUID, HEADER_SIGNED
 
 # bittensor addresses use the generic substrate prefix. Accepting other prefixes would let one public key
 # appear under several ss58 strings, i.e. several identities and several replay-cache keys.
-SS58_FORMAT = 42
 SIGNATURE_BYTES = 64
 
 _TIMESTAMP_RE = re.compile(r"[0-9]{1,20}")
@@ -317,11 +317,9 @@ def _parse_uuid(value: str) -> str:
 
 def _check_ss58(address: str) -> None:
     try:
-        canonical = Keypair(ss58_address=address).ss58_address
-    except ValueError:
-        raise _unauthorized(f"{HEADER_SIGNED_BY} is not a valid ss58 address") from None
-    if canonical != address:
-        raise _unauthorized(f"{HEADER_SIGNED_BY} must use ss58 prefix {SS58_FORMAT}: {canonical}")
+        check_ss58(address)
+    except ValueError as exc:
+        raise _unauthorized(f"{HEADER_SIGNED_BY}: {exc}") from None
 
 
 def _parse_signature(value: str) -> bytes:

@@ -9,6 +9,21 @@ from bittensor.sp_core import KeyfileError, Keypair
 
 from common.config import WalletSettings
 
+# Bittensor's generic substrate prefix. One public key has an address per prefix; accepting only this one
+# keeps one identity per key (in signatures, the replay cache and the chain's registry alike).
+SS58_FORMAT = 42
+
+
+def check_ss58(address: str) -> str:
+    """`address` if it is a valid ss58 address in the canonical prefix, else ValueError saying why."""
+    try:
+        canonical = Keypair(ss58_address=address).ss58_address
+    except ValueError:
+        raise ValueError(f"{address!r} is not a valid ss58 address") from None
+    if canonical != address:
+        raise ValueError(f"{address!r} must use ss58 prefix {SS58_FORMAT}: {canonical}")
+    return address
+
 
 class WalletError(RuntimeError):
     """The configured wallet's hotkey could not be loaded; the message says what to do."""

@@ -80,6 +80,10 @@ def test_register_rejects_bad_addresses_and_stake(chain: LocalChain) -> None:
         chain.register(generate_keypair().ss58_address, coldkey="bad")
     with pytest.raises(ChainError, match="stake"):
         chain.register(generate_keypair().ss58_address, stake=-1.0)
+    # The same key under another ss58 prefix is an alias, not a second identity.
+    alias = Keypair(public_key=generate_keypair().public_key, ss58_format=0).ss58_address
+    with pytest.raises(ChainError, match="prefix 42"):
+        chain.register(alias)
     assert chain.metagraph().neurons == []
 
 

@@ -23,6 +23,7 @@ from bittensor.sp_core import Keypair, verify
 from pydantic import BaseModel, Field, ValidationError
 
 from common.chain.base import Chain, ChainError, Metagraph, Neuron, normalize_weights
+from common.keys import check_ss58
 
 _T = TypeVar("_T")
 
@@ -63,9 +64,9 @@ class _State(BaseModel):
 
 def _check_ss58(address: str, what: str) -> None:
     try:
-        Keypair(ss58_address=address)
+        check_ss58(address)
     except ValueError as exc:
-        raise ChainError(f"{what} {address!r} is not a valid ss58 address: {exc}") from exc
+        raise ChainError(f"{what}: {exc}") from None
 
 
 def _check_stake(stake: float) -> float:
