@@ -1,0 +1,190 @@
+"""Training data addressed by sample ids, so that miners never choose what they train on.
+
+The orchestrator hands out `SampleId`s from a seeded `SampleSchedule`; the head miner, the tail miner and the
+validators each rebuild the exact same tokens from the id with `Corpus.tokens`. Token tensors sent by a
+miner are therefore never trusted: whoever needs the tokens rebuilds them.
+
+The offline corpus is a folder of text files (by default the Python standard library's own sources, present
+on every machine) read as bytes with a byte-level tokenizer.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import sysconfig
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+Split = Literal["train", "heldout"]
+
+
+class ByteTokenizer:
+    """Bytes 0-255 as themselves, plus BOS, EOS and PAD; fits the `tiny` preset's 320-entry vocabulary."""
+
+    BOS, EOS, PAD = 256, 257, 258
+    vocab_size = 259
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+class SampleId(BaseModel):
+    """Where a sample starts: a shard (a file of the local corpus) and a byte offset inside it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    shard: int = Field(ge=0)
+    offset: int = Field(ge=0)
+
+
+class Corpus(Protocol):
+    """What the network needs of a data source: a fingerprint, shards, and tokens for a sample id."""
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    @property
+    def num_shards(self) -> int: ...
+
+    def shard_size(self, shard: int) -> int: ...
+
+    def tokens(self, sample: SampleId, seq_len: int) -> torch.Tensor: ...
+
+
+def stdlib_source_dir() -> Path:
+    """The running Python's standard-library folder: the devnet's default corpus."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+class LocalTextCorpus:
+    """Text files under `root` matching `pattern`, read as one byte stream with EOS between files.
+
+    A sample is the `seq_len` tokens that start at (file, offset) and run on into the following files
+    (wrapping round at the end), so every sample is full length and needs no padding. Files are listed in
+    sorted order and the listing is fingerprinted, so that processes can check they hold the same corpus.
+    """
+
+    def __init__(
+        self, root: Path | str, pattern: str = "**/*.py", exclude: Sequence[str] = ("site-packages",)
+    ) -> None:
+        self.root = Path(root)
+        files = sorted(
+            p
+            for p in self.root.glob(pattern)
+            if p.is_file() and not set(p.relative_to(self.root).parts) & set(exclude)
+        )
+        if not files:
+            raise ValueError(f"no files match {pattern!r} under {self.root}")
+        self._files = files
+        # Each file contributes its bytes and one EOS; sizes come from stat, contents are read on demand.
+        self._sizes = [p.stat().st_size + 1 for p in files]
+        self._starts = [0]
+        for size in self._sizes:
+            self._starts.append(self._starts[-1] + size)
+        self.tokenizer = ByteTokenizer()
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._files)
+
+    @property
+    def total_tokens(self) -> int:
+        return self._starts[-1]
+
+    def shard_size(self, shard: int) -> int:
+        """Tokens in a shard: its bytes plus the EOS that ends it."""
+        return self._sizes[self._check_shard(shard)]
+
+    @cached_property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for path, size in zip(self._files, self._sizes, strict=True):
+            digest.update(f"{path.relative_to(self.root).as_posix()}:{size}\n".encode())
+        return digest.hexdigest()
+
+    def tokens(self, sample: SampleId, seq_len: int) -> torch.Tensor:
+        """The `seq_len` int64 tokens of `sample`, identical on every machine that holds this corpus."""
+        if seq_len < 2:
+            raise ValueError("seq_len must be at least 2 (an input and a target)")
+        if sample.offset >= self.shard_size(sample.shard):
+            raise ValueError(
+                f"offset {sample.offset} is past the end of shard {sample.shard} "
+                f"({self.shard_size(sample.shard)} tokens)"
+            )
+        out: list[int] = []
+        shard, offset = sample.shard, sample.offset
+        while len(out) < seq_len:
+            out.extend(self._read(shard, offset, seq_len - len(out)))
+            shard, offset = (shard + 1) % self.num_shards, 0
+        return torch.tensor(out, dtype=torch.long)
+
+    def _read(self, shard: int, offset: int, count: int) -> list[int]:
+        with self._files[shard].open("rb") as handle:
+            handle.seek(offset)
+            data = list(handle.read(count))
+        if len(data) < count:
+            data.append(ByteTokenizer.EOS)
+        return data
+
+    def locate(self, position: int) -> SampleId:
+        """The sample id of a position in the whole stream (0 <= position < total_tokens)."""
+        if not 0 <= position < self.total_tokens:
+            raise ValueError(f"position {position} is outside the corpus (0..{self.total_tokens - 1})")
+        shard = bisect.bisect_right(self._starts, position) - 1
+        return SampleId(shard=shard, offset=position - self._starts[shard])
+
+    def _check_shard(self, shard: int) -> int:
+        if not 0 <= shard < self.num_shards:
+            raise ValueError(f"shard {shard} is out of range (corpus has {self.num_shards} shards)")
+        return shard
+
+
+def shard_split(fingerprint: str, shard: int, heldout_per_mille: int) -> Split:
+    """Which split a shard belongs to: a fixed hash of (corpus, shard), so it never moves between runs."""
+    digest = hashlib.sha256(f"{fingerprint}:{shard}".encode()).digest()
+    return "heldout" if int.from_bytes(digest[:4], "little") % 1000 < heldout_per_mille else "train"
+
+
+class SampleSchedule:
+    """The run's sequence of sample ids: the `index`-th sample is a pure function of (seed, corpus, index).
+
+    Positions are drawn uniformly over the corpus stream from a hash of (seed, index), and samples whose
+    shard is held out are skipped, so the orchestrator can hand out, requeue or recount any index and
+    every process agrees on what it means.
+    """
+
+    def __init__(self, corpus: LocalTextCorpus, seed: int, heldout_per_mille: int = 20) -> None:
+        if not 0 <= heldout_per_mille < 1000:
+            raise ValueError("heldout_per_mille must be in [0, 1000)")
+        self.corpus, self.seed, self.heldout_per_mille = corpus, seed, heldout_per_mille
+        heldout = sum(self.split_of(s) == "heldout" for s in range(corpus.num_shards))
+        self.shards_per_split: dict[Split, int] = {"train": corpus.num_shards - heldout, "heldout": heldout}
+        if heldout == corpus.num_shards:
+            raise ValueError("every shard is held out; lower heldout_per_mille or use a larger corpus")
+
+    def split_of(self, shard: int) -> Split:
+        return shard_split(self.corpus.fingerprint, shard, self.heldout_per_mille)
+
+    def sample(self, index: int, split: Split = "train") -> SampleId:
+        if index < 0:
+            raise ValueError("sample index must be non-negative")
+        if not self.shards_per_split[split]:
+            raise ValueError(
+                f"the corpus has no {split} shards at heldout_per_mille={self.heldout_per_mille}"
+            )
+        attempt = 0
+        while True:
+            digest = hashlib.sha256(f"{self.seed}:{split}:{index}:{attempt}".encode()).digest()
+            sample = self.corpus.locate(int.from_bytes(digest[:8], "little") % self.corpus.total_tokens)
+            if self.split_of(sample.shard) == split:
+                return sample
+            attempt += 1
