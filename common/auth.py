@@ -46,8 +46,6 @@ HEADER_SIGNATURE = "Epistula-Request-Signature"
 HEADER_SIGNED_FOR = "Epistula-Signed-For"
 REQUIRED_HEADERS = (HEADER_VERSION, HEADER_TIMESTAMP, HEADER_UUID, HEADER_SIGNED_BY, HEADER_SIGNATURE)
 
-# bittensor addresses use the generic substrate prefix. Accepting other prefixes would let one public key
-# appear under several ss58 strings, i.e. several identities and several replay-cache keys.
 SIGNATURE_BYTES = 64
 
 _TIMESTAMP_RE = re.compile(r"[0-9]{1,20}")

@@ -56,6 +56,11 @@ class ChainSettings(BaseSettings):
     )
 
 
+# The embedded S3 server accepts any credentials; boto3 only needs non-empty ones to sign.
+LOCAL_S3_ACCESS_KEY_ID = "iota-local"
+LOCAL_S3_SECRET_ACCESS_KEY = "iota-local-secret"
+
+
 class S3Settings(BaseSettings):
     """The bucket that carries activations, gradients, weights and checkpoints."""
 
@@ -66,8 +71,10 @@ class S3Settings(BaseSettings):
     )
     region: str = Field("us-east-1", description="Region name used for signing (`auto` for R2).")
     bucket: str = Field("iota", description="Bucket name; created on start-up if it does not exist.")
-    access_key_id: SecretStr = Field(SecretStr("iota-local"), description="Access key id.")
-    secret_access_key: SecretStr = Field(SecretStr("iota-local-secret"), description="Secret access key.")
+    access_key_id: SecretStr = Field(SecretStr(LOCAL_S3_ACCESS_KEY_ID), description="Access key id.")
+    secret_access_key: SecretStr = Field(
+        SecretStr(LOCAL_S3_SECRET_ACCESS_KEY), description="Secret access key."
+    )
     presign_expiry_s: int = Field(
         900, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned URLs, in seconds."
     )

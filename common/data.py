@@ -1,8 +1,8 @@
 """Training data addressed by sample ids, so that miners never choose what they train on.
 
 The orchestrator hands out `SampleId`s from a seeded `SampleSchedule`; the head miner, the tail miner and the
-validators each rebuild the exact same tokens from the id with `Corpus.tokens`. Token tensors sent by a
-miner are therefore never trusted: whoever needs the tokens rebuilds them.
+validators each rebuild the exact same tokens from the id with `LocalTextCorpus.tokens`. Token tensors sent
+by a miner are therefore never trusted: whoever needs the tokens rebuilds them.
 
 The offline corpus is a folder of text files (by default the Python standard library's own sources, present
 on every machine) read as bytes with a byte-level tokenizer.
@@ -16,7 +16,7 @@ import sysconfig
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -44,20 +44,6 @@ class SampleId(BaseModel):
 
     shard: int = Field(ge=0)
     offset: int = Field(ge=0)
-
-
-class Corpus(Protocol):
-    """What the network needs of a data source: a fingerprint, shards, and tokens for a sample id."""
-
-    @property
-    def fingerprint(self) -> str: ...
-
-    @property
-    def num_shards(self) -> int: ...
-
-    def shard_size(self, shard: int) -> int: ...
-
-    def tokens(self, sample: SampleId, seq_len: int) -> torch.Tensor: ...
 
 
 def stdlib_source_dir() -> Path:

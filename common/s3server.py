@@ -18,15 +18,12 @@ from types import FrameType, TracebackType
 from moto.server import ThreadedMotoServer
 from pydantic import SecretStr
 
-from common.config import S3Settings
+from common.config import LOCAL_S3_ACCESS_KEY_ID, LOCAL_S3_SECRET_ACCESS_KEY, S3Settings
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9000
-# moto accepts any credentials; these only have to be non-empty for boto3 to sign.
-DUMMY_ACCESS_KEY = "iota-local"
-DUMMY_SECRET_KEY = "iota-local-secret"
 
 
 class EmbeddedS3:
@@ -83,8 +80,8 @@ class EmbeddedS3:
             endpoint_url=self.endpoint_url,
             region="us-east-1",
             bucket=bucket,
-            access_key_id=SecretStr(DUMMY_ACCESS_KEY),
-            secret_access_key=SecretStr(DUMMY_SECRET_KEY),
+            access_key_id=SecretStr(LOCAL_S3_ACCESS_KEY_ID),
+            secret_access_key=SecretStr(LOCAL_S3_SECRET_ACCESS_KEY),
         )
 
 
