@@ -71,9 +71,11 @@ if [ "$have_torch" != "$torch_flavor" ] && ! { [ "$torch_flavor" = cpu ] && [ -n
 fi
 
 extras=""
-[ "$role" = dev ] && extras="[dev]"
+# dev includes the hf extra so that the tests exercise the Hugging Face corpus (offline, on local files).
+[ "$role" = dev ] && extras="[dev,hf]"
 stamp=".venv/.iota-installed-$role"
-want="$(cat pyproject.toml | sha256sum | cut -c1-16)"
+# The stamp is keyed on the extras too, so that changing what a role installs re-runs pip.
+want="$(printf '%s\n' "$extras" | cat pyproject.toml - | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   say "installing iota$extras and its dependencies"
   pip_install -e ".$extras"

@@ -123,6 +123,40 @@ class ModelSettings(BaseSettings):
         return value
 
 
+class DataSettings(BaseSettings):
+    """What a sample is: the corpus that sample ids index, its tokenizer and the batch shape."""
+
+    model_config = _config("IOTA_DATA_")
+
+    source: Literal["local", "hf"] = Field(
+        "local", description="`local`: text files read as bytes; `hf`: a Hugging Face dataset, streamed."
+    )
+    local_root: Path | None = Field(
+        None, description="Folder of the local corpus; empty means the Python standard library's sources."
+    )
+    local_pattern: str = Field("**/*.py", description="Glob of the local corpus's files under its folder.")
+    hf_dataset: str = Field(
+        "HuggingFaceFW/fineweb-edu", description="Dataset repo id on the Hub, or a local folder (source=hf)."
+    )
+    hf_config: str | None = Field(None, description="Dataset config (subset); empty means the default one.")
+    hf_split: str = Field("train", description="Dataset split whose files make the corpus.")
+    hf_text_field: str = Field("text", description="Column holding each row's text.")
+    hf_data_files: str | None = Field(
+        None,
+        description="Glob of data files (parquet, jsonl, txt): relative to the dataset, or an absolute local"
+        " glob that replaces it; empty means the config's files for the split.",
+    )
+    tokenizer: str = Field(
+        "byte",
+        description="`byte` (bytes as tokens), a Hub tokenizer name, or a local tokenizer.json or folder.",
+    )
+    batch_size: int = Field(8, ge=1, description="Sequences per sample.")
+    seq_len: int = Field(256, ge=2, description="Tokens per sequence.")
+    heldout_per_mille: int = Field(
+        20, ge=0, lt=1000, description="Shards held out of training for validation, per thousand."
+    )
+
+
 # Every settings group, so that .env.example can be checked against them.
 ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
     WalletSettings,
@@ -130,4 +164,5 @@ ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
     S3Settings,
     AuthSettings,
     ModelSettings,
+    DataSettings,
 )

@@ -1,11 +1,12 @@
 """Training data addressed by sample ids, so that miners never choose what they train on.
 
 The orchestrator hands out `SampleId`s from a seeded `SampleSchedule`; the head miner, the tail miner and the
-validators each rebuild the exact same tokens from the id with `LocalTextCorpus.tokens`. Token tensors sent
-by a miner are therefore never trusted: whoever needs the tokens rebuilds them.
+validators each rebuild the exact same tokens from the id with `Corpus.tokens`. Token tensors sent by a
+miner are therefore never trusted: whoever needs the tokens rebuilds them.
 
 The offline corpus is a folder of text files (by default the Python standard library's own sources, present
-on every machine) read as bytes with a byte-level tokenizer.
+on every machine) read as bytes with a byte-level tokenizer. The production corpus is a Hugging Face dataset
+streamed file by file (`common.hf_data`, needs the `hf` extra); `make_corpus` picks one from settings.
 """
 
 from __future__ import annotations
@@ -16,12 +17,28 @@ import sysconfig
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from types import ModuleType
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+if TYPE_CHECKING:
+    from common.config import DataSettings
+
 Split = Literal["train", "heldout"]
+
+
+class Tokenizer(Protocol):
+    """Text to token ids and back; `EOS` ends every document, and `fingerprint` names the vocabulary."""
+
+    EOS: int
+    vocab_size: int
+    fingerprint: str
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
 
 
 class ByteTokenizer:
@@ -29,6 +46,7 @@ class ByteTokenizer:
 
     BOS, EOS, PAD = 256, 257, 258
     vocab_size = 259
+    fingerprint = "byte"
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -38,12 +56,39 @@ class ByteTokenizer:
 
 
 class SampleId(BaseModel):
-    """Where a sample starts: a shard (a file of the local corpus) and a byte offset inside it."""
+    """Where a sample starts: a shard (a file of the corpus) and a unit inside it (a byte or a row)."""
 
     model_config = ConfigDict(frozen=True)
 
     shard: int = Field(ge=0)
     offset: int = Field(ge=0)
+
+
+class Corpus(Protocol):
+    """What the schedule and the miners need of a data source.
+
+    The stream is cut into shards (files), each holding `shard_size(shard)` units; a sample id points at a
+    unit and its tokens run on from there. The unit is a token (a byte) for `LocalTextCorpus` and a row
+    (a document) for `HFStreamingCorpus`, so `total_tokens` counts units, not necessarily tokens.
+    """
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    @property
+    def num_shards(self) -> int: ...
+
+    @property
+    def total_tokens(self) -> int: ...
+
+    def shard_size(self, shard: int) -> int: ...
+
+    def locate(self, position: int) -> SampleId: ...
+
+    def tokens(self, sample: SampleId, seq_len: int) -> torch.Tensor: ...
 
 
 def stdlib_source_dir() -> Path:
@@ -84,6 +129,7 @@ class LocalTextCorpus:
 
     @property
     def total_tokens(self) -> int:
+        """Bytes plus one EOS per file: here every unit is a token."""
         return self._starts[-1]
 
     def shard_size(self, shard: int) -> int:
@@ -148,7 +194,7 @@ class SampleSchedule:
     every process agrees on what it means.
     """
 
-    def __init__(self, corpus: LocalTextCorpus, seed: int, heldout_per_mille: int = 20) -> None:
+    def __init__(self, corpus: Corpus, seed: int, heldout_per_mille: int = 20) -> None:
         if not 0 <= heldout_per_mille < 1000:
             raise ValueError("heldout_per_mille must be in [0, 1000)")
         self.corpus, self.seed, self.heldout_per_mille = corpus, seed, heldout_per_mille
@@ -174,3 +220,56 @@ class SampleSchedule:
             if self.split_of(sample.shard) == split:
                 return sample
             attempt += 1
+
+
+def batch_tokens(corpus: Corpus, samples: Sequence[SampleId], seq_len: int) -> torch.Tensor:
+    """The (len(samples), seq_len) int64 batch of `samples`, one row each."""
+    if not samples:
+        raise ValueError("a batch needs at least one sample")
+    return torch.stack([corpus.tokens(sample, seq_len) for sample in samples])
+
+
+def load_tokenizer(name: str) -> Tokenizer:
+    """`byte` for `ByteTokenizer`; else a Hugging Face tokenizer by local path or Hub name (`hf` extra)."""
+    if name == "byte":
+        return ByteTokenizer()
+    return _hf_data().load_hf_tokenizer(name)
+
+
+def _hf_data() -> ModuleType:
+    # Imported on demand: the base install has neither `datasets` nor `tokenizers`.
+    try:
+        from common import hf_data
+    except ImportError as error:
+        raise ImportError(
+            f"Hugging Face data and tokenizers need the hf extra ({error}); run: pip install -e '.[hf]'"
+        ) from error
+    return hf_data
+
+
+def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
+    """Refuse a model whose embedding has fewer rows than the tokenizer has ids."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary has only {vocab_size}; "
+            "choose a larger model preset or a smaller tokenizer"
+        )
+
+
+def make_corpus(settings: DataSettings) -> Corpus:
+    """The corpus that `settings` describe; every process with equal settings gets the same fingerprint."""
+    if settings.source == "local":
+        if settings.tokenizer != "byte":
+            raise ValueError(
+                f"the local corpus is read as bytes, so it needs tokenizer=byte, not {settings.tokenizer!r}; "
+                "use source=hf (with a local folder or data files) for another tokenizer"
+            )
+        return LocalTextCorpus(settings.local_root or stdlib_source_dir(), settings.local_pattern)
+    return _hf_data().HFStreamingCorpus(
+        settings.hf_dataset,
+        config=settings.hf_config,
+        split=settings.hf_split,
+        text_field=settings.hf_text_field,
+        data_files=settings.hf_data_files,
+        tokenizer=load_tokenizer(settings.tokenizer),
+    )

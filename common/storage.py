@@ -236,6 +236,25 @@ class ObjectStore:
             raise StorageError(f"get {key}: object grew past the limit of {max_bytes} bytes")
         return data
 
+    def get_exact(self, key: str, size: int) -> bytes | None:
+        """The object if it has exactly `size` bytes, else None (missing, shorter or longer): one GET."""
+        validate_key(key)
+        try:
+            resp = self._s3.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as e:
+            if _status(e) == 404:
+                return None
+            raise _wrap(e, f"get {key}") from e
+        except BotoCoreError as e:
+            raise StorageError(f"get {key}: {e}") from e
+        body = resp["Body"]
+        try:
+            with _s3_errors(f"get {key}"):
+                data: bytes = body.read(size + 1)
+        finally:
+            body.close()
+        return data if len(data) == size else None
+
     def put_bytes(self, key: str, data: bytes) -> str:
         """Store `data` under `key`; returns the ETag."""
         validate_key(key)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 from importlib.metadata import version
+from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -82,6 +85,115 @@ def show_presets(
                 f"{largest * TRAINING_BYTES_PER_PARAM / 2**30:,.1f} GiB",
             )
         console.print(table)
+
+
+def _log_options(json_logs: bool, level: str, name: str) -> None:
+    from common.logs import setup_logging
+
+    setup_logging(json_lines=json_logs or os.environ.get("IOTA_LOG_JSON", "") in ("1", "true"), level=level,
+                  name=name)
+
+
+_JSON_LOGS = typer.Option(False, "--json-logs", help="One JSON object per log line (or IOTA_LOG_JSON=1).")
+_LOG_LEVEL = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR.")
+
+
+@app.command("orchestrator")
+def run_orchestrator(
+    host: str = typer.Option(None, help="Listen address (default IOTA_ORCH_HOST, 127.0.0.1)."),
+    port: int = typer.Option(None, help="Listen port (default IOTA_ORCH_PORT, 8000)."),
+    json_logs: bool = _JSON_LOGS,
+    log_level: str = _LOG_LEVEL,
+) -> None:
+    """Run the orchestrator: stage assignment, work routing through S3, the run's record."""
+    from orchestrator.server import build_orchestrator, serve
+    from orchestrator.service import RunMismatch
+
+    _log_options(json_logs, log_level, "orchestrator")
+    try:
+        orch = build_orchestrator()
+    except (RunMismatch, ValueError) as error:
+        console.print(f"[red]cannot start the orchestrator:[/red] {error}")
+        raise typer.Exit(2) from None
+    settings = orch.settings
+    serve(orch, host or settings.host, settings.port if port is None else port)
+
+
+@app.command("miner")
+def run_miner(
+    orchestrator_url: str = typer.Option(None, help="Orchestrator URL (IOTA_MINER_ORCHESTRATOR_URL)."),
+    json_logs: bool = _JSON_LOGS,
+    log_level: str = _LOG_LEVEL,
+) -> None:
+    """Run a miner: train the stage the orchestrator assigns, on this machine's GPU (or CPU)."""
+    import signal
+    import threading
+
+    from common.config import WalletSettings
+    from common.keys import WalletError, load_hotkey
+    from miner.settings import MinerSettings
+    from miner.worker import MinerWorker
+
+    _log_options(json_logs, log_level, "miner")
+    settings = MinerSettings()
+    if orchestrator_url:
+        settings = settings.model_copy(update={"orchestrator_url": orchestrator_url})
+    try:
+        keypair = load_hotkey(WalletSettings())
+    except WalletError as error:
+        console.print(f"[red]cannot start the miner:[/red] {error}")
+        raise typer.Exit(2) from None
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    MinerWorker(settings, keypair).run(stop)
+
+
+_DEFAULT_SUMMARY = Path("devnet-summary.json")
+
+
+@app.command("devnet")
+def run_devnet_command(
+    preset: str = typer.Option("tiny", help="Model preset."),
+    stages: int = typer.Option(None, help="Split the preset's blocks into this many stages."),
+    miners_per_stage: int = typer.Option(1, help="Honest miners per stage."),
+    duration: float = typer.Option(None, "--duration", help="Seconds to train (default 120)."),
+    samples: int = typer.Option(None, "--samples", help="Stop after this many samples instead."),
+    batch_size: int = typer.Option(8, help="Sequences per sample."),
+    seq_len: int = typer.Option(256, help="Tokens per sequence."),
+    summary: Path = typer.Option(_DEFAULT_SUMMARY, "--summary", help="Where to write the JSON."),
+    workdir: Path = typer.Option(None, help="Keep state and logs here (default: a new temp folder)."),
+) -> None:
+    """Run the whole network on this machine: S3, chain, orchestrator and miners, with live progress."""
+    from rich.live import Live
+
+    from iota.devnet import DevnetOptions, run_devnet, write_summary
+
+    options = DevnetOptions(
+        preset=preset, stages=stages, miners_per_stage=miners_per_stage, batch_size=batch_size,
+        seq_len=seq_len, duration_s=None if samples and duration is None else (duration or 120.0),
+        samples=samples, workdir=workdir,
+    )
+    console.print(f"[bold]iota devnet[/bold]: preset {preset}, {miners_per_stage} miner(s) per stage; "
+                  "starting S3, chain, orchestrator and miners...")
+    with Live(console=console, refresh_per_second=2, transient=False) as live:
+
+        def progress(status: Any, loss: float | None, elapsed: float) -> None:
+            tokens = status.samples_completed * status.batch_size * status.seq_len
+            rate = tokens / elapsed if elapsed > 0 else 0.0
+            loss_text = f"{loss:.3f}" if loss is not None else "-"
+            live.update(
+                f"[{elapsed:5.0f} s] samples {status.samples_completed} done, {status.samples_in_flight} in "
+                f"flight, {status.samples_dropped} dropped | {rate:,.0f} tokens/s | loss {loss_text}"
+            )
+
+        result = run_devnet(options, progress)
+    write_summary(result, summary)
+    console.print(
+        f"done: {result['samples_completed']} samples, {result['tokens_per_s']:,.0f} tokens/s, loss "
+        f"{result['loss_first']} -> {result['loss_last']}, {result['dropped_samples']} dropped. "
+        f"Summary: {summary}  Logs: {result['workdir']}/logs"
+    )
 
 
 if __name__ == "__main__":

@@ -155,3 +155,19 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
     except KeyError:
         raise ValueError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}") from None
     return config.with_overrides(**overrides) if overrides else config
+
+
+def split_blocks(n_layers: int, n_stages: int) -> tuple[int, ...]:
+    """`n_layers` blocks over `n_stages` stages as evenly as possible, the extra blocks going to the middle.
+
+    The head and tail also carry the embedding and the LM head, so they are the ones that get fewer blocks.
+    """
+    if not 2 <= n_stages <= n_layers + 2:
+        raise ValueError(f"{n_layers} blocks split into 2..{n_layers + 2} stages, not {n_stages}")
+    base, extra = divmod(n_layers, n_stages)
+    counts = [base] * n_stages
+    # Hand out the remainder from the middle outwards.
+    order = sorted(range(n_stages), key=lambda s: (abs(s - (n_stages - 1) / 2), s))
+    for s in order[:extra]:
+        counts[s] += 1
+    return tuple(counts)

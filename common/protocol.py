@@ -1,0 +1,271 @@
+"""The orchestrator's HTTP protocol: every message that crosses a process, in one place.
+
+Both the orchestrator's routes and the miners' client import these models, so a field can change in only
+one place. Every request body is signed (Epistula, see `common.auth`); every request after registration
+carries the run id and the session it was given, so that a client talking to a restarted or re-created
+orchestrator finds out at once and re-syncs instead of acting on stale state.
+
+Units: sizes in bytes, times in seconds, sample ids as in `common.data`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from common.data import SampleId
+
+PROTOCOL_VERSION = 1
+# Sent on every request and response. A client whose version differs from the server's gets 426 and a
+# reason; a server answers with its own version and run id so that clients can tell what they talk to.
+HEADER_PROTOCOL = "Iota-Protocol"
+HEADER_RUN = "Iota-Run"
+
+MAX_REASON_CHARS = 500
+MAX_LOSS = 100.0  # A per-token cross-entropy above this is a lie or a broken model; ln(128256) is 11.8.
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _sha256_hex(value: str) -> str:
+    if not _SHA256_HEX.fullmatch(value):
+        raise ValueError("must be a lowercase hex sha256 digest (64 characters)")
+    return value
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be finite")
+    return value
+
+
+Sha256Hex = Annotated[str, AfterValidator(_sha256_hex)]
+FiniteFloat = Annotated[float, AfterValidator(_finite)]
+
+
+class _Message(BaseModel):
+    # Unknown fields are refused, so a typo or a field from another version fails loudly.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Objects in the bucket
+
+
+class ArtifactRef(_Message):
+    """An uploaded object as its producer announced it: the orchestrator checks all three before accepting."""
+
+    key: str = Field(min_length=1, max_length=512)
+    size: int = Field(ge=1)
+    sha256: Sha256Hex
+
+
+class UploadTarget(_Message):
+    """A presigned PUT for exactly one key, chosen by the orchestrator under the caller's own prefix."""
+
+    key: str
+    url: str
+    expires_in_s: int
+
+
+class DownloadSource(_Message):
+    """A presigned GET plus what the downloaded bytes must be; the receiver checks size and hash."""
+
+    key: str
+    url: str
+    size: int
+    sha256: str
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registration
+
+
+class DataSpec(_Message):
+    """What a sample is: the corpus (by fingerprint), and the batch shape every stage works on."""
+
+    source: Literal["local", "hf"]
+    fingerprint: str
+    batch_size: int = Field(ge=1)
+    seq_len: int = Field(ge=2)
+
+
+class TrainingSpec(_Message):
+    """Hyperparameters of the inner optimiser and of the wire, fixed per run."""
+
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    beta1: float = Field(ge=0, lt=1)
+    beta2: float = Field(ge=0, lt=1)
+    grad_clip: float = Field(ge=0, description="Per-stage gradient norm clip; 0 disables it.")
+    max_outstanding: int = Field(ge=1, description="Forwards a miner may hold awaiting their backward.")
+    wire_dtype: Literal["float32", "bfloat16"]
+    wire_int8: bool
+    wire_compress: bool
+
+
+class GlobalWeights(_Message):
+    """Where a stage's current global weights come from: the seeded init, or a stored checkpoint."""
+
+    version: int = Field(ge=0)
+    seed: int
+    checkpoint: DownloadSource | None = None
+
+
+class RegisterRequest(_Message):
+    """A miner announcing itself. The hotkey is the one that signed the request."""
+
+    device: str = Field(max_length=64, description="`cpu`, `cuda` or `cuda:N`.")
+    gpu_memory_gb: float | None = Field(None, ge=0, le=1e5)
+    corpus_fingerprint: str = Field(max_length=128, description="The miner's local corpus, checked.")
+
+
+class RegisterResponse(_Message):
+    run_id: str
+    session: int = Field(description="Echo it in every later request; a re-registration replaces it.")
+    stage: int
+    model: dict[str, Any] = Field(description="`ModelConfig.to_dict()` of the run's model.")
+    data: DataSpec
+    training: TrainingSpec
+    weights: GlobalWeights
+    poll_wait_s: float = Field(description="How long the orchestrator holds a work request open.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Work
+
+
+class SessionRequest(_Message):
+    """Fields every request after registration carries."""
+
+    run_id: str = Field(max_length=64)
+    session: int = Field(ge=0)
+
+
+class WorkRequest(SessionRequest):
+    wait_s: float = Field(0.0, ge=0, le=60, description="Hold the request open this long for work.")
+
+
+ItemKind = Literal["forward", "backward"]
+
+
+class WorkItem(_Message):
+    """One hop of one sample at one stage.
+
+    - forward at the head: `samples` names the token sequences; output is the activation.
+    - forward elsewhere: `input` is the previous stage's activation; output is the activation, except at the
+      tail, which also rebuilds the tokens from `samples`, computes the loss, runs backward at once, and
+      uploads the gradient with respect to its input.
+    - backward: `input` is the gradient from the next stage; it goes to the miner that ran the forward of
+      `forward_item`; output is the gradient with respect to its input (none at the head).
+    """
+
+    item_id: str
+    kind: ItemKind
+    sample: int
+    attempt: int
+    stage: int
+    forward_item: str | None = None
+    samples: list[SampleId] | None = None
+    input: DownloadSource | None = None
+    output: UploadTarget | None = None
+    deadline_in_s: float
+
+
+class WorkResponse(_Message):
+    item: WorkItem | None = None
+    cancelled: list[str] = Field(
+        default_factory=list, description="Forward items whose saved state the miner should drop."
+    )
+    move_to_stage: int | None = Field(
+        None, description="Set when the orchestrator moves this miner; it must register again."
+    )
+
+
+class CompleteRequest(SessionRequest):
+    item_id: str = Field(max_length=128)
+    output: ArtifactRef | None = None
+    loss: FiniteFloat | None = Field(None, ge=0, le=MAX_LOSS, description="The tail's mean loss.")
+    compute_s: FiniteFloat = Field(0.0, ge=0, le=86400)
+
+
+class CompleteResponse(_Message):
+    sample_completed: bool = False
+
+
+class FailRequest(SessionRequest):
+    """A miner giving up on an item: its own fault, or a bad input from the stage before (`blame_input`)."""
+
+    item_id: str = Field(max_length=128)
+    reason: str = Field(max_length=MAX_REASON_CHARS)
+    blame_input: bool = False
+
+
+class PresignRequest(SessionRequest):
+    """A fresh upload URL for a key the caller owns (for example after the first one expired)."""
+
+    key: str = Field(min_length=1, max_length=512)
+
+
+class Ack(_Message):
+    ok: bool = True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public, read-only status
+
+
+class StageStatus(_Message):
+    stage: int
+    miners: int
+    samples_per_s: float = Field(description="Estimated capacity of the stage's live miners.")
+
+
+class MinerStatus(_Message):
+    hotkey: str
+    stage: int
+    state: Literal["active", "inactive"]
+    items_completed: int
+    seconds_per_sample: float | None
+
+
+class RunStatus(_Message):
+    run_id: str
+    protocol: int
+    preset: str
+    n_stages: int
+    batch_size: int
+    seq_len: int
+    started_at: float
+    samples_issued: int
+    samples_completed: int
+    samples_in_flight: int
+    samples_waiting_retry: int
+    samples_dropped: int
+    attempts_failed: int
+    items_completed: int
+    stages: list[StageStatus]
+    miners: list[MinerStatus]
+
+
+class LossRecord(_Message):
+    seq: int = Field(description="Position in the loss log; ask for `after` it to page.")
+    sample: int
+    attempt: int
+    loss: float
+    at: float
+    pathway: list[str] = Field(description="Hotkey of the miner at each stage.")
+
+
+class LossPage(_Message):
+    records: list[LossRecord]
+    next_after: int
+
+
+class ErrorBody(_Message):
+    """The body of every 4xx/5xx: a stable machine-readable code and a reason for humans."""
+
+    code: str
+    detail: str

@@ -1,0 +1,293 @@
+"""`iota devnet`: the whole network on loopback, in one command.
+
+An embedded S3 server (in this process), a local chain with fresh hotkeys, the orchestrator and N miners
+per stage (each its own process, talking real HTTP), live progress, and a summary JSON at the end. The
+`Devnet` class is also what the end-to-end tests and `bench/pipeline.py` drive, so they exercise exactly
+what a user runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from common.chain import LocalChain
+from common.keys import create_hotkey
+from common.protocol import LossRecord, RunStatus
+from common.s3server import EmbeddedS3
+
+NETUID = 9
+WALLET = "devnet"
+
+
+@dataclass
+class DevnetOptions:
+    preset: str = "tiny"
+    stages: int | None = None
+    miners_per_stage: int = 1
+    batch_size: int = 8
+    seq_len: int = 256
+    duration_s: float | None = 120.0
+    samples: int | None = None
+    workdir: Path | None = None
+    torch_threads: int | None = None  # per miner; default: the cores shared among the miners
+    behaviors: list[str] = field(default_factory=list)  # extra misbehaving miners
+    extra_env: dict[str, str] = field(default_factory=dict)
+    keep_workdir: bool = True
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Devnet:
+    """The processes of a local network; a context manager that always stops them all."""
+
+    def __init__(self, options: DevnetOptions) -> None:
+        self.options = options
+        self.workdir = Path(options.workdir or tempfile.mkdtemp(prefix="iota-devnet-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "logs").mkdir(exist_ok=True)
+        self.s3 = EmbeddedS3("127.0.0.1")
+        self.chain = LocalChain(self.workdir / "chain.json", NETUID, block_time_s=1.0)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.orchestrator: subprocess.Popen[bytes] | None = None
+        self.miners: dict[str, subprocess.Popen[bytes]] = {}  # hotkey name -> process
+        self.hotkeys: dict[str, str] = {}  # hotkey name -> ss58
+        self.behaviors: dict[str, str] = {}  # ss58 -> behavior
+        self.http = httpx.Client(base_url=self.url, timeout=10.0)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+
+    def __enter__(self) -> Devnet:
+        self.s3.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        procs = [*self.miners.values(), *([self.orchestrator] if self.orchestrator else [])]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.http.close()
+        self.s3.stop()
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment every devnet process gets: its own S3, chain and state, nothing from `.env`."""
+        o = self.options
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IOTA_")}
+        env.update(
+            IOTA_S3_ENDPOINT_URL=self.s3.endpoint_url,
+            IOTA_S3_BUCKET="iota-devnet",
+            IOTA_CHAIN_BACKEND="local",
+            IOTA_CHAIN_LOCAL_PATH=str(self.workdir / "chain.json"),
+            IOTA_CHAIN_NETUID=str(NETUID),
+            IOTA_CHAIN_METAGRAPH_TTL_S="2",
+            IOTA_WALLET_NAME=WALLET,
+            IOTA_WALLET_PATH=str(self.workdir / "wallets"),
+            IOTA_MODEL_PRESET=o.preset,
+            IOTA_DATA_BATCH_SIZE=str(o.batch_size),
+            IOTA_DATA_SEQ_LEN=str(o.seq_len),
+            IOTA_ORCH_STATE_PATH=str(self.workdir / "orchestrator.sqlite"),
+            IOTA_ORCH_PORT=str(self.port),
+            IOTA_ORCH_ITEM_TIMEOUT_S="30",
+            IOTA_ORCH_MINER_TIMEOUT_S="10",
+            IOTA_ORCH_POLL_WAIT_S="2",
+            IOTA_ORCH_GARBAGE_DELAY_S="2",
+            IOTA_MINER_ORCHESTRATOR_URL=self.url,
+            IOTA_MINER_POLL_WAIT_S="2",
+            IOTA_MINER_DEVICE="cpu",
+            PYTHONUNBUFFERED="1",
+        )
+        if o.stages:
+            env["IOTA_MODEL_STAGES"] = str(o.stages)
+        if o.samples:
+            env["IOTA_ORCH_MAX_SAMPLES"] = str(o.samples)
+        env.update(o.extra_env)
+        env.update(extra)
+        return env
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = (self.workdir / "logs" / f"{name}.log").open("ab")
+        # cwd is the workdir, so no `.env` of the user's checkout leaks into the devnet.
+        return subprocess.Popen(
+            [sys.executable, "-m", "iota.cli", *args],
+            cwd=self.workdir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def start_orchestrator(self, timeout_s: float = 60.0) -> None:
+        self.orchestrator = self._spawn("orchestrator", ["orchestrator"], self.env())
+        self.wait_healthy(timeout_s)
+
+    def wait_healthy(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.orchestrator is not None and self.orchestrator.poll() is not None:
+                raise RuntimeError(f"the orchestrator exited; see {self.workdir / 'logs/orchestrator.log'}")
+            try:
+                if self.http.get("/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"the orchestrator did not become healthy within {timeout_s} s")
+
+    def kill_orchestrator(self) -> None:
+        assert self.orchestrator is not None
+        self.orchestrator.send_signal(signal.SIGKILL)
+        self.orchestrator.wait()
+
+    def add_miner(self, behavior: str = "honest", threads: int = 1) -> str:
+        """Create and register a hotkey, start a miner process with it; returns its hotkey name."""
+        name = f"miner{len(self.miners)}"
+        keypair = create_hotkey(WALLET, name, self.workdir / "wallets")
+        self.chain.register(keypair.ss58_address)
+        self.hotkeys[name], self.behaviors[keypair.ss58_address] = keypair.ss58_address, behavior
+        env = self.env(
+            IOTA_WALLET_HOTKEY=name,
+            IOTA_MINER_BEHAVIOR=behavior,
+            IOTA_MINER_TORCH_THREADS=str(threads),
+            IOTA_MINER_TIMINGS_FILE=str(self.workdir / "logs" / f"{name}.timings.json"),
+        )
+        self.miners[name] = self._spawn(name, ["miner"], env)
+        return name
+
+    def kill_miner(self, name: str) -> None:
+        self.miners[name].send_signal(signal.SIGKILL)
+        self.miners[name].wait()
+
+    # -- observing ----------------------------------------------------------------------------------------
+
+    def status(self) -> RunStatus:
+        return RunStatus.model_validate_json(self.http.get("/v1/status").content)
+
+    def losses(self) -> list[LossRecord]:
+        records: list[LossRecord] = []
+        after = 0
+        while True:
+            page = self.http.get("/v1/losses", params={"after": after, "limit": 10_000}).json()
+            records.extend(LossRecord.model_validate(r) for r in page["records"])
+            if not page["records"]:
+                return records
+            after = page["next_after"]
+
+    def wait_for(
+        self, predicate: Callable[[RunStatus], bool], timeout_s: float, poll_s: float = 0.5
+    ) -> RunStatus:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.status()
+            if predicate(status):
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"condition not met within {timeout_s} s; last status: {status}")
+            for name, proc in self.miners.items():
+                if proc.poll() not in (None, -signal.SIGKILL):
+                    raise RuntimeError(f"{name} exited with {proc.returncode}; see its log in {self.workdir}")
+            time.sleep(poll_s)
+
+
+def summarize(
+    options: DevnetOptions, status: RunStatus, losses: list[LossRecord], duration_s: float, miners: int
+) -> dict[str, Any]:
+    """The summary JSON: what ran, how much, how fast, and whether the loss fell."""
+    values = [r.loss for r in losses]
+    tenth = max(1, len(values) // 10)
+    tokens = status.samples_completed * status.batch_size * status.seq_len
+    return {
+        "preset": options.preset,
+        "stages": status.n_stages,
+        "miners": miners,
+        "miners_per_stage": options.miners_per_stage,
+        "batch_size": status.batch_size,
+        "seq_len": status.seq_len,
+        "samples_completed": status.samples_completed,
+        "samples_issued": status.samples_issued,
+        "tokens_per_s": round(tokens / duration_s, 1) if duration_s > 0 else 0.0,
+        "loss_first": round(statistics.fmean(values[:tenth]), 4) if values else None,
+        "loss_last": round(statistics.fmean(values[-tenth:]), 4) if values else None,
+        "losses_recorded": len(values),
+        "merges_completed": 0,
+        "dropped_samples": status.samples_dropped,
+        "attempts_failed": status.attempts_failed,
+        "duration_s": round(duration_s, 2),
+        "run_id": status.run_id,
+    }
+
+
+def default_threads(total_miners: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, total_miners))
+
+
+def run_devnet(
+    options: DevnetOptions, on_progress: Callable[[RunStatus, float | None, float], None] | None = None
+) -> dict[str, Any]:
+    """Run a devnet to its duration or sample count and return the summary."""
+    with Devnet(options) as net:
+        net.start_orchestrator()
+        n_stages = net.status().n_stages
+        total = n_stages * options.miners_per_stage + len(options.behaviors)
+        threads = options.torch_threads or default_threads(total)
+        for _ in range(n_stages * options.miners_per_stage):
+            net.add_miner("honest", threads)
+        for behavior in options.behaviors:
+            net.add_miner(behavior, threads)
+        net.wait_for(lambda s: sum(m.state == "active" for m in s.miners) >= total, timeout_s=120)
+        start = time.monotonic()
+        status = net.status()
+        after, recent = 0, []
+        try:
+            while True:
+                elapsed = time.monotonic() - start
+                status = net.status()
+                if options.samples and status.samples_completed + status.samples_dropped >= options.samples:
+                    break
+                if options.duration_s and elapsed >= options.duration_s:
+                    break
+                page = net.http.get("/v1/losses", params={"after": after}).json()
+                recent = (recent + [r["loss"] for r in page["records"]])[-20:]
+                after = page["next_after"]
+                if on_progress:
+                    on_progress(status, statistics.fmean(recent) if recent else None, elapsed)
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            pass
+        duration = time.monotonic() - start
+        summary = summarize(options, net.status(), net.losses(), duration, total)
+        summary["behaviors"] = {hk: b for hk, b in net.behaviors.items()}
+        summary["workdir"] = str(net.workdir)
+        return summary
+
+
+def write_summary(summary: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,106 @@
+"""The miner's (and later the validator's) signed HTTP client for the orchestrator.
+
+Transient failures (connection refused while the orchestrator restarts, timeouts, 5xx, 429, 503) are
+retried with jittered exponential backoff. A 409 about the run or the session raises `Resync`: the caller
+registers again rather than exiting. Any other 4xx raises `ApiError` with the orchestrator's reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TypeVar
+
+import httpx
+from bittensor.sp_core import Keypair
+from pydantic import BaseModel, ValidationError
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential, wait_random
+
+from common.auth import EpistulaAuth
+from common.protocol import HEADER_PROTOCOL, PROTOCOL_VERSION
+
+log = logging.getLogger("iota.client")
+
+M = TypeVar("M", bound=BaseModel)
+
+RESYNC_CODES = frozenset({"run_mismatch", "stale_session", "not_registered"})
+
+
+class ApiError(Exception):
+    """The orchestrator refused a request; `code` is stable, `detail` is for humans."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(f"HTTP {status} {code}: {detail}")
+        self.status, self.code, self.detail = status, code, detail
+
+
+class Resync(ApiError):
+    """The orchestrator's run or our session changed: register again and carry on."""
+
+
+class Unavailable(Exception):
+    """The orchestrator could not be reached (or kept failing) for the whole retry budget."""
+
+
+class _Transient(Exception):
+    pass
+
+
+class OrchestratorClient:
+    def __init__(
+        self, base_url: str, keypair: Keypair, *, timeout_s: float = 30.0, retry_for_s: float = 120.0
+    ) -> None:
+        self.retry_for_s = retry_for_s
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            auth=EpistulaAuth(keypair),
+            timeout=timeout_s,
+            headers={HEADER_PROTOCOL: str(PROTOCOL_VERSION), "content-type": "application/json"},
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def post(self, path: str, body: BaseModel, response: type[M], *, extra_timeout_s: float = 0.0) -> M:
+        """POST `body` (signed afresh on every try) and parse the answer as `response`."""
+        content = body.model_dump_json().encode()
+        timeout = self._http.timeout.read + extra_timeout_s if self._http.timeout.read else None
+
+        def attempt() -> httpx.Response:
+            try:
+                resp = self._http.post(path, content=content, timeout=timeout)
+            except (httpx.TransportError, httpx.TimeoutException) as error:
+                log.debug("POST %s: %s; retrying", path, error)
+                raise _Transient(str(error)) from error
+            if resp.status_code >= 500 or resp.status_code in (426, 429):
+                # 426: this client is older or newer than the orchestrator; keep trying while an operator
+                # upgrades one side, instead of exiting.
+                log.warning("POST %s: HTTP %d %s; retrying", path, resp.status_code, resp.text[:200])
+                raise _Transient(resp.text[:200])
+            return resp
+
+        retrying = Retrying(
+            stop=stop_after_delay(self.retry_for_s),
+            wait=wait_exponential(multiplier=0.1, max=2.0) + wait_random(0, 0.1),
+            retry=retry_if_exception_type(_Transient),
+            reraise=True,
+        )
+        try:
+            resp = retrying(attempt)
+        except _Transient as error:
+            raise Unavailable(f"POST {path}: no success within {self.retry_for_s:.0f} s: {error}") from None
+        if resp.status_code >= 400:
+            raise _api_error(resp)
+        try:
+            return response.model_validate_json(resp.content)
+        except ValidationError as error:
+            raise ApiError(resp.status_code, "bad_response", f"{path}: {error}") from None
+
+
+def _api_error(resp: httpx.Response) -> ApiError:
+    try:
+        payload = resp.json()
+        code, detail = str(payload.get("code", "")), str(payload.get("detail", resp.text[:300]))
+    except ValueError:
+        code, detail = "", resp.text[:300]
+    cls = Resync if resp.status_code == 409 and code in RESYNC_CODES else ApiError
+    return cls(resp.status_code, code or f"http_{resp.status_code}", detail)

@@ -1,0 +1,32 @@
+"""The miner's own settings (`IOTA_MINER_`). Wallet and data settings come from `common.config`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings
+
+from common.config import _config
+
+BehaviorName = Literal["honest", "random-output", "zero-grad", "scaled-output", "copy-input"]
+
+
+class MinerSettings(BaseSettings):
+    model_config = _config("IOTA_MINER_")
+
+    orchestrator_url: str = Field("http://127.0.0.1:8000", description="Base URL of the orchestrator.")
+    device: str = Field("auto", description="`auto` (CUDA if available), `cpu`, `cuda` or `cuda:N`.")
+    torch_threads: int = Field(0, ge=0, description="CPU threads for torch; 0 keeps torch's default.")
+    poll_wait_s: float = Field(5.0, ge=0, le=60, description="How long to wait for work per request.")
+    http_timeout_s: float = Field(30.0, gt=0, description="Timeout of one request to the orchestrator.")
+    retry_for_s: float = Field(
+        120.0, gt=0, description="How long to keep retrying the orchestrator or S3 before giving up an item."
+    )
+    timings_file: Path | None = Field(
+        None, description="Write where the miner's time goes (JSON) to this file every few seconds."
+    )
+    behavior: BehaviorName = Field(
+        "honest", description="Deliberate misbehaviour, for tests and the devnet only. Keep `honest`."
+    )

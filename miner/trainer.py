@@ -1,0 +1,246 @@
+"""The compute of one pipeline stage: forward, backward and the inner AdamW step, with no networking.
+
+The miner daemon decodes what arrives from the bucket, calls these methods, and encodes what they return.
+Keeping the arithmetic here, free of I/O, lets the tests check it against the whole model in one process.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call
+
+from common.model.config import ModelConfig
+from common.model.stages import PipelineStage, build_stage, next_token_loss
+from common.protocol import TrainingSpec
+from miner.behaviors import Behavior, BehaviorPolicy
+
+
+class TrainerError(RuntimeError):
+    """A request the trainer refuses: an unknown item, too many outstanding forwards, a malformed tensor."""
+
+
+@dataclass
+class _Saved:
+    """What one forward keeps until its backward."""
+
+    weights: dict[str, torch.Tensor]  # the stashed parameters this forward ran with (shared, see below)
+    x: torch.Tensor | None  # the input, requiring grad; None at the head, whose input is tokens
+    out: torch.Tensor  # the output, with its graph
+
+
+def _to_cpu(t: torch.Tensor) -> torch.Tensor:
+    # Always a copy: the caller may encode or modify it in place, and it must not alias saved state.
+    return t.detach().to("cpu", torch.float32, copy=True)
+
+
+class StageTrainer:
+    """Trains one stage: fp32 master weights and fp32 AdamW state, bf16 autocast on CUDA.
+
+    Forwards are pipelined: several may await their backward while the backwards of older ones step the
+    optimizer. The step updates the parameters in place, which would corrupt (or, through the version
+    counter, refuse) the graphs of the outstanding forwards, and their gradients would come from weights
+    they did not run with. So each forward uses weight stashing (PipeDream): it runs through
+    `functional_call` on a detached clone of the parameters at the current weight version, and its backward
+    differentiates with respect to that clone, then moves the gradients onto the master parameters and steps.
+    A backward therefore uses exactly the weights of its forward. All forwards made between two steps share
+    one clone, and a clone is freed when no outstanding forward uses it, so at most `max_outstanding` copies
+    of the weights are alive (none when nothing is outstanding).
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        stage: int,
+        training: TrainingSpec,
+        *,
+        seed: int,
+        device: str | torch.device = "cpu",
+        behavior: Behavior = "honest",
+    ) -> None:
+        self.cfg, self.stage, self.training = cfg, stage, training
+        self.device = torch.device(device)
+        self.module: PipelineStage = build_stage(cfg, stage, seed, self.device)
+        self.policy = BehaviorPolicy(behavior)
+        self.optimizer = self._new_optimizer()
+        self.steps = 0
+        self._saved: dict[str, _Saved] = {}
+        self._stash: dict[str, torch.Tensor] | None = None  # the current version's clone, if taken
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._saved)
+
+    # -----------------------------------------------------------------------------------------------------
+    # Training
+
+    def forward(self, item_id: str, x: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) at the head, activations (B, T, b) elsewhere -> (B, T, b), fp32 on the CPU."""
+        if self.module.is_tail:
+            raise TrainerError("the tail has no separate forward; use tail_step")
+        if item_id in self._saved:
+            raise TrainerError(f"item {item_id} already has an outstanding forward")
+        if len(self._saved) >= self.training.max_outstanding:
+            raise TrainerError(
+                f"{len(self._saved)} forwards already await their backward (max_outstanding "
+                f"{self.training.max_outstanding}); drop or finish one first"
+            )
+        if self.module.is_head:
+            inp, x_grad = self._tokens(x, "head input"), None
+        else:
+            inp = x_grad = self._activation(x, "input").requires_grad_(True)
+        if self._stash is None:
+            self._stash = {
+                name: p.detach().clone().requires_grad_(True) for name, p in self.module.named_parameters()
+            }
+        with self._autocast():
+            out = functional_call(self.module, self._stash, (inp,))
+        self._saved[item_id] = _Saved(weights=self._stash, x=x_grad, out=out)
+        return self.policy.forward_output(item_id, x, _to_cpu(out))
+
+    def backward(self, item_id: str, grad: torch.Tensor) -> torch.Tensor | None:
+        """d loss / d output -> one optimizer step, and d loss / d input (fp32 CPU; None at the head)."""
+        saved = self._saved.get(item_id)
+        if saved is None:
+            raise TrainerError(f"no outstanding forward for item {item_id}")
+        if tuple(grad.shape) != tuple(saved.out.shape):
+            raise TrainerError(
+                f"gradient shape {tuple(grad.shape)} differs from the output's {tuple(saved.out.shape)}"
+            )
+        grad = self._finite(grad, "gradient").to(saved.out.dtype)
+        self.drop(item_id)
+        if not self.policy.takes_step:
+            return None if saved.x is None else self.policy.input_grad(torch.zeros(saved.x.shape), tail=False)
+        params = list(saved.weights.values())
+        inputs = params if saved.x is None else [*params, saved.x]
+        grads = torch.autograd.grad(saved.out, inputs, grad, allow_unused=True)
+        for p, g in zip(self.module.parameters(), grads[: len(params)], strict=True):
+            p.grad = g
+        self._step()
+        return None if saved.x is None else self.policy.input_grad(_to_cpu(grads[-1]), tail=False)
+
+    def tail_step(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """Forward, loss, backward and step at once (last stage): the loss and d loss / d x, fp32 CPU."""
+        if not self.module.is_tail:
+            raise TrainerError("tail_step is for the last stage only")
+        x = self._activation(x, "input").requires_grad_(self.policy.takes_step)
+        tokens = self._tokens(tokens, "tokens")
+        if tokens.shape != x.shape[:2] or tokens.shape[1] < 2:
+            raise TrainerError(
+                f"tokens {tuple(tokens.shape)} must be (batch, seq) of the input {tuple(x.shape)}, seq >= 2"
+            )
+        # The tail needs no stash: nothing else touches its weights between its forward and its backward.
+        with self._autocast(), torch.set_grad_enabled(self.policy.takes_step):
+            logits = self.module(x)
+        loss = next_token_loss(logits, tokens)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainerError(f"non-finite loss {value}; no step taken")
+        if not self.policy.takes_step:
+            return value, self.policy.input_grad(torch.zeros(x.shape), tail=True)
+        loss.backward()
+        self._step()
+        assert x.grad is not None
+        return value, self.policy.input_grad(_to_cpu(x.grad), tail=True)
+
+    def drop(self, item_id: str) -> bool:
+        """Free a forward's saved state (its item was cancelled); False if there was none."""
+        saved = self._saved.pop(item_id, None)
+        if saved is None:
+            return False
+        if self._stash is not None and all(s.weights is not self._stash for s in self._saved.values()):
+            self._stash = None
+        return True
+
+    def drop_oldest(self) -> str | None:
+        """Drop the forward held longest (its backward is likeliest never to come); its item id, if any."""
+        oldest = next(iter(self._saved), None)  # dicts keep insertion order
+        if oldest is not None:
+            self.drop(oldest)
+        return oldest
+
+    def drop_all(self) -> None:
+        self._saved.clear()
+        self._stash = None
+
+    # -----------------------------------------------------------------------------------------------------
+    # Weights
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Detached fp32 CPU copies of the stage's state dict."""
+        return {name: _to_cpu(t) for name, t in self.module.state_dict().items()}
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Replace the weights (exactly the stage's keys and shapes); resets AdamW, drops outstanding work."""
+        try:
+            self.module.load_state_dict(weights, strict=True)
+        except RuntimeError as e:
+            raise TrainerError(f"weights do not fit stage {self.stage}: {e}") from None
+        self.drop_all()
+        # Fresh moments: AdamW state belongs to the trajectory that led to the old weights, not to these.
+        self.optimizer = self._new_optimizer()
+        self.steps = 0
+
+    # -----------------------------------------------------------------------------------------------------
+    # Internals
+
+    def _new_optimizer(self) -> torch.optim.AdamW:
+        t = self.training
+        return torch.optim.AdamW(
+            self.module.parameters(),
+            lr=t.lr,
+            betas=(t.beta1, t.beta2),
+            weight_decay=t.weight_decay,
+            fused=self.device.type == "cuda",
+        )
+
+    def _step(self) -> None:
+        if self.training.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.training.grad_clip)
+            if not torch.isfinite(norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise TrainerError(f"non-finite gradient norm {norm.item()}; no step taken")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        # Outstanding forwards keep their own reference to the old clone; the next forward needs a new one.
+        self._stash = None
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def _check_seq(self, shape: torch.Size, what: str) -> None:
+        batch, seq = shape[0], shape[1]
+        if batch < 1 or not 1 <= seq <= self.cfg.max_seq_len:
+            raise TrainerError(
+                f"{what} has batch {batch} and seq {seq}; need batch >= 1, 1 <= seq <= {self.cfg.max_seq_len}"
+            )
+
+    def _tokens(self, tokens: torch.Tensor, what: str) -> torch.Tensor:
+        integer = not (tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool)
+        if tokens.dim() != 2 or not integer:
+            raise TrainerError(
+                f"{what} must be (batch, seq) integer token ids, got {tuple(tokens.shape)} {tokens.dtype}"
+            )
+        self._check_seq(tokens.shape, what)
+        low, high = tokens.min().item(), tokens.max().item()
+        if low < 0 or high >= self.cfg.vocab_size:
+            raise TrainerError(f"{what} hold ids in [{low}, {high}], outside [0, {self.cfg.vocab_size})")
+        return tokens.to(self.device, torch.long)
+
+    def _activation(self, x: torch.Tensor, what: str) -> torch.Tensor:
+        b = self.cfg.bottleneck_dim
+        if x.dim() != 3 or x.shape[-1] != b or not x.is_floating_point():
+            raise TrainerError(f"{what} must be floating (batch, seq, {b}), got {tuple(x.shape)} {x.dtype}")
+        self._check_seq(x.shape, what)
+        return self._finite(x, what)
+
+    def _finite(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        if not t.is_floating_point():
+            raise TrainerError(f"{what} must be floating, got {t.dtype}")
+        t = t.detach().to(self.device, torch.float32)
+        if not torch.isfinite(t).all():
+            raise TrainerError(f"{what} holds NaN or infinite values")
+        return t

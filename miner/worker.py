@@ -1,0 +1,394 @@
+"""The miner's loop: register, load the stage's global weights, then pull work, compute, upload, report.
+
+Everything a miner receives is checked before use: downloaded bytes against the size and sha256 the
+orchestrator vouched for, tensors against the run's boundary shape and dtype, finiteness and magnitude.
+A bad input is reported with `blame_input`, so it costs the miner that produced it, not this one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx
+import torch
+from bittensor.sp_core import Keypair
+
+from common.codec import CodecError, TensorSpec, content_hash, decode_tensor, encode_tensor
+from common.config import DataSettings
+from common.data import Corpus, batch_tokens, make_corpus
+from common.model import ModelConfig, boundary_shape
+from common.protocol import (
+    Ack,
+    ArtifactRef,
+    CompleteRequest,
+    CompleteResponse,
+    FailRequest,
+    RegisterRequest,
+    RegisterResponse,
+    WorkItem,
+    WorkRequest,
+    WorkResponse,
+)
+from common.storage import StorageError, download_from_url, upload_to_url
+from miner.client import ApiError, OrchestratorClient, Resync, Unavailable
+from miner.settings import MinerSettings
+from miner.trainer import StageTrainer, TrainerError
+
+log = logging.getLogger("iota.miner")
+
+_WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_STATUS_EVERY_S = 10.0
+
+
+class BadInput(Exception):
+    """The item's input is not what the orchestrator announced, or not a valid boundary tensor."""
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"IOTA_MINER_DEVICE={name} but torch sees no CUDA device")
+    return name
+
+
+@dataclass
+class _Stats:
+    forward: int = 0
+    backward: int = 0
+    failed: int = 0
+    last_loss: float | None = None
+    since: float = 0.0
+
+
+class Timings:
+    """Where a miner's time goes (compute, transfers, codec, talking to the orchestrator, waiting)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.started = time.monotonic()
+
+    @contextmanager
+    def measure(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "wall_s": time.monotonic() - self.started,
+            "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+            "counts": dict(self.counts),
+        }
+
+
+class MinerWorker:
+    def __init__(self, settings: MinerSettings, keypair: Keypair, data: DataSettings | None = None) -> None:
+        self.settings, self.keypair = settings, keypair
+        self.device = pick_device(settings.device)
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self.corpus: Corpus = make_corpus(data or DataSettings())
+        self.client = OrchestratorClient(
+            settings.orchestrator_url,
+            keypair,
+            timeout_s=settings.http_timeout_s,
+            retry_for_s=settings.retry_for_s,
+        )
+        self.reg: RegisterResponse | None = None
+        self.trainer: StageTrainer | None = None
+        self.cfg: ModelConfig | None = None
+        self.stats = _Stats(since=time.monotonic())
+        self.timings = Timings()
+        # Presigned URLs need no auth: a plain pool, kept apart from the signed orchestrator client.
+        self._s3 = httpx.Client(timeout=settings.http_timeout_s)
+
+    # -- registration -----------------------------------------------------------------------------------
+
+    def register(self) -> RegisterResponse:
+        gpu_gb = None
+        if self.device.startswith("cuda"):
+            gpu_gb = torch.cuda.get_device_properties(torch.device(self.device)).total_memory / 2**30
+        reg = self.client.post(
+            "/v1/miners/register",
+            RegisterRequest(
+                device=self.device, gpu_memory_gb=gpu_gb, corpus_fingerprint=self.corpus.fingerprint
+            ),
+            RegisterResponse,
+        )
+        same_place = (
+            self.reg is not None
+            and self.trainer is not None
+            and reg.run_id == self.reg.run_id
+            and reg.stage == self.reg.stage
+            and reg.weights.version == self.reg.weights.version
+        )
+        if same_place:
+            assert self.trainer is not None
+            # Same run and stage: keep the weights trained so far; only the saved forwards died with the
+            # old session.
+            self.trainer.drop_all()
+        else:
+            self.cfg = ModelConfig.from_dict(reg.model)
+            self.trainer = StageTrainer(
+                self.cfg,
+                reg.stage,
+                reg.training,
+                seed=reg.weights.seed,
+                device=self.device,
+                behavior=self.settings.behavior,
+            )
+            if reg.weights.checkpoint is not None:
+                raise NotImplementedError("loading checkpoints lands with merging")
+        self.reg = reg
+        log.info(
+            "registered with run %s as stage %d of %d (session %d, %s, behavior %s)",
+            reg.run_id,
+            reg.stage,
+            self.cfg.n_stages if self.cfg else 0,
+            reg.session,
+            self.device,
+            self.settings.behavior,
+        )
+        return reg
+
+    # -- the loop -----------------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        backoff = 1.0
+        while not stop.is_set():
+            try:
+                if self.reg is None:
+                    self.register()
+                self.step()
+                backoff = 1.0
+            except Resync as error:
+                log.info("re-syncing with the orchestrator: %s", error.detail)
+                self._reregister(stop)
+            except Unavailable as error:
+                log.warning("orchestrator unreachable, will keep trying: %s", error)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+            except ApiError as error:
+                log.error("the orchestrator refused a request: %s", error)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+            self._maybe_log_status()
+        self._write_timings()
+        self.client.close()
+        self._s3.close()
+
+    def _write_timings(self) -> None:
+        # For benchmarks and the devnet: where this miner's time went, as JSON.
+        path = self.settings.timings_file
+        if path:
+            with path.open("w") as handle:
+                json.dump({"stage": self.reg.stage if self.reg else None, **self.timings.as_dict()}, handle)
+
+    def _reregister(self, stop: threading.Event) -> None:
+        try:
+            self.register()
+        except (Unavailable, ApiError) as error:
+            log.warning("could not register again yet: %s", error)
+            stop.wait(1.0)
+
+    def step(self) -> None:
+        """One request for work, and the item if one came."""
+        reg = self._session()
+        with self.timings.measure("poll"):
+            resp = self.client.post(
+                "/v1/work/next",
+                WorkRequest(run_id=reg.run_id, session=reg.session, wait_s=self.settings.poll_wait_s),
+                WorkResponse,
+                extra_timeout_s=self.settings.poll_wait_s,
+            )
+        trainer = self._trainer()
+        for item_id in resp.cancelled:
+            trainer.drop(item_id)
+        if resp.move_to_stage is not None:
+            log.info("the orchestrator moves this miner to stage %d", resp.move_to_stage)
+            self.register()
+            return
+        if resp.item is not None:
+            self.process(resp.item)
+
+    def process(self, item: WorkItem) -> None:
+        reg = self._session()
+        try:
+            output, loss = self._compute(item)
+        except BadInput as error:
+            log.warning("item %s: bad input, reporting it: %s", item.item_id, error)
+            self._fail(item, str(error), blame_input=True)
+            return
+        except (TrainerError, StorageError) as error:
+            log.warning("item %s failed: %s", item.item_id, error)
+            self._fail(item, str(error), blame_input=False)
+            return
+        ref = None
+        if output is not None:
+            assert item.output is not None
+            try:
+                with self.timings.measure("upload"):
+                    upload_to_url(item.output.url, output, client=self._s3)
+            except StorageError as error:
+                self._fail(item, f"upload failed: {error}", blame_input=False)
+                return
+            ref = ArtifactRef(key=item.output.key, size=len(output), sha256=content_hash(output))
+        try:
+            with self.timings.measure("report"):
+                self.client.post(
+                    "/v1/work/complete",
+                    CompleteRequest(
+                        run_id=reg.run_id, session=reg.session, item_id=item.item_id, output=ref, loss=loss
+                    ),
+                    CompleteResponse,
+                )
+        except Resync:
+            raise
+        except ApiError as error:
+            # The item was cancelled meanwhile (deadline) or the upload was refused: forget its state.
+            log.warning("item %s not accepted: %s", item.item_id, error)
+            self._trainer().drop(item.item_id)
+            self.stats.failed += 1
+            return
+        if item.kind == "forward":
+            self.stats.forward += 1
+        else:
+            self.stats.backward += 1
+        if loss is not None:
+            self.stats.last_loss = loss
+
+    # -- compute ------------------------------------------------------------------------------------------
+
+    def _compute(self, item: WorkItem) -> tuple[bytes | None, float | None]:
+        trainer, cfg, reg = self._trainer(), self._cfg(), self._session()
+        last = cfg.n_stages - 1
+        if item.stage != reg.stage:
+            raise TrainerError(f"item {item.item_id} is for stage {item.stage}; this miner runs {reg.stage}")
+        if item.kind == "backward" and item.forward_item is None:
+            raise TrainerError(f"backward item {item.item_id} names no forward")
+        x = self._tokens(item) if item.kind == "forward" and item.stage == 0 else self._download(item)
+        loss = None
+        with self.timings.measure("compute"):
+            if item.kind == "forward" and item.stage == last:
+                loss, out = trainer.tail_step(x, self._tokens(item))
+            elif item.kind == "forward":
+                out = self._forward_evicting(item.item_id, x)
+            else:
+                out = trainer.backward(item.forward_item or "", x)
+        return (None if out is None else self._encode(out)), loss
+
+    def _forward_evicting(self, item_id: str, x: torch.Tensor) -> torch.Tensor:
+        trainer = self._trainer()
+        if trainer.outstanding >= self._session().training.max_outstanding:
+            # The orchestrator bounds this too; if a cancellation was lost (say, across its restart), the
+            # oldest saved forward is the one whose backward will never come.
+            trainer.drop_oldest()
+        return trainer.forward(item_id, x)
+
+    def _tokens(self, item: WorkItem) -> torch.Tensor:
+        data = self._session().data
+        if not item.samples or len(item.samples) != data.batch_size:
+            raise BadInput(f"item {item.item_id} must name {data.batch_size} samples")
+        try:
+            return batch_tokens(self.corpus, item.samples, data.seq_len)
+        except ValueError as error:
+            raise BadInput(f"sample ids outside this corpus: {error}") from None
+
+    def _spec(self) -> TensorSpec:
+        reg, cfg = self._session(), self._cfg()
+        shape = boundary_shape(cfg, reg.data.batch_size, reg.data.seq_len)
+        return TensorSpec(shape=shape, dtype=reg.training.wire_dtype)
+
+    def _max_bytes(self) -> int:
+        b, t, w = self._spec().shape
+        return int(b or 0) * int(t or 0) * int(w or 0) * 4 + 64 * 1024
+
+    def _download(self, item: WorkItem) -> torch.Tensor:
+        source = item.input
+        if source is None:
+            raise BadInput(f"item {item.item_id} has no input")
+        if source.size > self._max_bytes():
+            raise BadInput(f"input of {source.size} bytes is larger than a boundary tensor")
+        with self.timings.measure("download"):
+            data = download_from_url(source.url, max_bytes=source.size, client=self._s3)
+        with self.timings.measure("codec"):
+            if len(data) != source.size or content_hash(data) != source.sha256:
+                raise BadInput(f"{source.key} is not the object its producer reported (size or sha256)")
+            try:
+                tensor = decode_tensor(data, self._spec(), max_bytes=self._max_bytes())
+            except CodecError as error:
+                raise BadInput(f"{source.key}: {error}") from None
+        return tensor.float()
+
+    def _encode(self, tensor: torch.Tensor) -> bytes:
+        training = self._session().training
+        with self.timings.measure("codec"):
+            wire = tensor.to(_WIRE_DTYPES[training.wire_dtype])
+            return encode_tensor(wire, int8=training.wire_int8, compress=training.wire_compress)
+
+    def _fail(self, item: WorkItem, reason: str, *, blame_input: bool) -> None:
+        reg = self._session()
+        self.stats.failed += 1
+        if item.kind == "forward":
+            self._trainer().drop(item.item_id)
+        try:
+            self.client.post(
+                "/v1/work/fail",
+                FailRequest(
+                    run_id=reg.run_id,
+                    session=reg.session,
+                    item_id=item.item_id,
+                    reason=reason[:500],
+                    blame_input=blame_input,
+                ),
+                Ack,
+            )
+        except ApiError as error:
+            log.info("could not report the failure of %s (%s); its deadline will", item.item_id, error.detail)
+
+    # -- helpers ------------------------------------------------------------------------------------------
+
+    def _session(self) -> RegisterResponse:
+        if self.reg is None:
+            raise Resync(409, "not_registered", "not registered yet")
+        return self.reg
+
+    def _trainer(self) -> StageTrainer:
+        if self.trainer is None:
+            raise Resync(409, "not_registered", "not registered yet")
+        return self.trainer
+
+    def _cfg(self) -> ModelConfig:
+        assert self.cfg is not None
+        return self.cfg
+
+    def _maybe_log_status(self) -> None:
+        now = time.monotonic()
+        if now - self.stats.since < _STATUS_EVERY_S or self.reg is None:
+            return
+        s, elapsed = self.stats, now - self.stats.since
+        loss = f", last loss {s.last_loss:.3f}" if s.last_loss is not None else ""
+        log.info(
+            "stage %d: %d forward and %d backward items in %.0f s (%.1f/s), %d failed%s",
+            self.reg.stage,
+            s.forward,
+            s.backward,
+            elapsed,
+            (s.forward + s.backward) / elapsed,
+            s.failed,
+            loss,
+        )
+        self.stats = _Stats(since=now)
+        self._write_timings()

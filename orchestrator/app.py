@@ -1,0 +1,94 @@
+"""The orchestrator's FastAPI application: routers, the version header, and one error format."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from common.protocol import HEADER_PROTOCOL, HEADER_RUN, PROTOCOL_VERSION, ErrorBody
+from orchestrator.routers import miners, public, work
+from orchestrator.scheduler import SchedulerError
+from orchestrator.service import Orchestrator
+
+_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "not_allowed",
+    413: "too_large",
+    422: "invalid_body",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(ErrorBody(code=code, detail=detail).model_dump(), status_code=status, headers=headers)
+
+
+def create_app(orchestrator: Orchestrator) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(orchestrator.registry.refresh)
+        tasks = [
+            asyncio.create_task(orchestrator.reap_loop()),
+            asyncio.create_task(orchestrator.garbage_loop()),
+            asyncio.create_task(orchestrator.registry.run()),
+        ]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    app = FastAPI(
+        title="IOTA orchestrator",
+        version=str(PROTOCOL_VERSION),
+        description="Assigns stages, routes work through S3, and keeps the record of who did what.",
+        lifespan=lifespan,
+    )
+    app.state.orchestrator = orchestrator
+    app.include_router(public.router)
+    app.include_router(miners.router)
+    app.include_router(work.router)
+
+    @app.middleware("http")
+    async def protocol_version(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        sent = request.headers.get(HEADER_PROTOCOL)
+        if sent is not None and sent != str(PROTOCOL_VERSION):
+            response: Response = _error(
+                426,
+                "protocol_mismatch",
+                f"this orchestrator speaks protocol {PROTOCOL_VERSION}, the request says {sent}; "
+                "upgrade the client",
+            )
+        else:
+            response = await call_next(request)
+        response.headers[HEADER_PROTOCOL] = str(PROTOCOL_VERSION)
+        response.headers[HEADER_RUN] = orchestrator.run_id
+        return response
+
+    @app.exception_handler(SchedulerError)
+    async def scheduler_error(request: Request, error: SchedulerError) -> JSONResponse:
+        return _error(error.status, error.code, error.detail)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        code = _CODES.get(error.status_code, f"http_{error.status_code}")
+        return _error(error.status_code, code, str(error.detail), dict(error.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return _error(422, "invalid_request", str(error.errors()[:5]))
+
+    return app

@@ -1,0 +1,345 @@
+"""The orchestrator's durable state: one SQLite file in WAL mode.
+
+The scheduler keeps its hot state in memory and writes every transition through here, so that a killed
+and restarted orchestrator reloads the same run: its miners, the samples in flight and their items, the
+loss log and the counters. Rows are plain columns plus JSON for small nested values; nothing is pickled.
+The schema is deliberately portable SQL, so that the same model can move to PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.protocol import ArtifactRef
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS miners (
+    hotkey TEXT PRIMARY KEY, session INTEGER NOT NULL, stage INTEGER NOT NULL, device TEXT NOT NULL,
+    registered_at REAL NOT NULL, last_seen REAL NOT NULL, active INTEGER NOT NULL,
+    items_completed INTEGER NOT NULL, forward_s REAL, backward_s REAL, move_to INTEGER
+);
+CREATE TABLE IF NOT EXISTS samples (
+    sample INTEGER PRIMARY KEY, state TEXT NOT NULL, attempts INTEGER NOT NULL, updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS items (
+    item_id TEXT PRIMARY KEY, sample INTEGER NOT NULL, attempt INTEGER NOT NULL, stage INTEGER NOT NULL,
+    kind TEXT NOT NULL, status TEXT NOT NULL, miner TEXT, session INTEGER, forward_item TEXT,
+    input TEXT, output_key TEXT, output TEXT,
+    created_at REAL NOT NULL, assigned_at REAL, deadline REAL NOT NULL, completed_at REAL
+);
+CREATE INDEX IF NOT EXISTS items_by_attempt ON items (sample, attempt);
+CREATE TABLE IF NOT EXISTS losses (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, sample INTEGER NOT NULL, attempt INTEGER NOT NULL,
+    loss REAL NOT NULL, at REAL NOT NULL, pathway TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, kind TEXT NOT NULL,
+    sample INTEGER, attempt INTEGER, miner TEXT, detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS garbage (key TEXT PRIMARY KEY, not_before REAL NOT NULL);
+"""
+
+
+@dataclass
+class Item:
+    """One hop of one attempt of one sample at one stage."""
+
+    item_id: str
+    sample: int
+    attempt: int
+    stage: int
+    kind: str  # "forward" | "backward"
+    status: str  # "queued" | "assigned" | "done" | "failed"
+    created_at: float
+    deadline: float
+    miner: str | None = None  # for backward items: set when queued (the forward's miner)
+    session: int | None = None
+    forward_item: str | None = None
+    input: ArtifactRef | None = None
+    output_key: str | None = None
+    output: ArtifactRef | None = None
+    assigned_at: float | None = None
+    completed_at: float | None = None
+
+
+@dataclass
+class Miner:
+    hotkey: str
+    session: int
+    stage: int
+    device: str
+    registered_at: float
+    last_seen: float
+    active: bool = True
+    items_completed: int = 0
+    forward_s: float | None = None  # EWMA of seconds from hand-out to completion
+    backward_s: float | None = None
+    move_to: int | None = None
+    # In memory only, rebuilt on load from the items table:
+    holding: set[str] = field(default_factory=set)  # forward items whose autograd state it keeps
+    cancelled: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Sample:
+    sample: int
+    state: str  # "in_flight" | "retry" | "done" | "dropped"
+    attempts: int
+
+
+_ITEM_COLUMNS = (
+    "item_id, sample, attempt, stage, kind, status, miner, session, forward_item, input, output_key, "
+    "output, created_at, assigned_at, deadline, completed_at"
+)
+_MINER_COLUMNS = (
+    "hotkey, session, stage, device, registered_at, last_seen, active, items_completed, forward_s, "
+    "backward_s, move_to"
+)
+
+
+def _item(r: tuple[Any, ...]) -> Item:
+    return Item(
+        item_id=r[0],
+        sample=r[1],
+        attempt=r[2],
+        stage=r[3],
+        kind=r[4],
+        status=r[5],
+        miner=r[6],
+        session=r[7],
+        forward_item=r[8],
+        input=_ref(r[9]),
+        output_key=r[10],
+        output=_ref(r[11]),
+        created_at=r[12],
+        assigned_at=r[13],
+        deadline=r[14],
+        completed_at=r[15],
+    )
+
+
+def _ref_json(ref: ArtifactRef | None) -> str | None:
+    return None if ref is None else ref.model_dump_json()
+
+
+def _ref(text: str | None) -> ArtifactRef | None:
+    return None if text is None else ArtifactRef.model_validate_json(text)
+
+
+class StateDB:
+    """Row-level persistence for the scheduler. Every write commits before the caller answers a request."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The event loop owns the connection; uvicorn may run the app's lifespan in another thread.
+        self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL is durable across process crashes in WAL mode (only an OS crash can lose the last commits).
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.executescript(_SCHEMA)
+        self._depth = 0
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group writes into one commit; nests (only the outermost commits)."""
+        if self._depth == 0:
+            self._conn.execute("BEGIN")
+        self._depth += 1
+        try:
+            yield
+        except BaseException:
+            self._depth -= 1
+            if self._depth == 0:
+                self._conn.execute("ROLLBACK")
+            raise
+        self._depth -= 1
+        if self._depth == 0:
+            self._conn.execute("COMMIT")
+
+    # -- meta -------------------------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> Any | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self._conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, json.dumps(value)),
+        )
+
+    # -- miners -----------------------------------------------------------------------------------------
+
+    def save_miner(self, m: Miner) -> None:
+        self._conn.execute(
+            f"INSERT OR REPLACE INTO miners ({_MINER_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                m.hotkey,
+                m.session,
+                m.stage,
+                m.device,
+                m.registered_at,
+                m.last_seen,
+                int(m.active),
+                m.items_completed,
+                m.forward_s,
+                m.backward_s,
+                m.move_to,
+            ),
+        )
+
+    def load_miners(self) -> list[Miner]:
+        rows = self._conn.execute(f"SELECT {_MINER_COLUMNS} FROM miners").fetchall()
+        return [
+            Miner(
+                hotkey=r[0],
+                session=r[1],
+                stage=r[2],
+                device=r[3],
+                registered_at=r[4],
+                last_seen=r[5],
+                active=bool(r[6]),
+                items_completed=r[7],
+                forward_s=r[8],
+                backward_s=r[9],
+                move_to=r[10],
+            )
+            for r in rows
+        ]
+
+    # -- samples ----------------------------------------------------------------------------------------
+
+    def save_sample(self, s: Sample, now: float) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO samples (sample, state, attempts, updated_at) VALUES (?,?,?,?)",
+            (s.sample, s.state, s.attempts, now),
+        )
+
+    def load_samples(self, states: tuple[str, ...]) -> list[Sample]:
+        marks = ",".join("?" * len(states))
+        rows = self._conn.execute(
+            f"SELECT sample, state, attempts FROM samples WHERE state IN ({marks}) ORDER BY sample", states
+        ).fetchall()
+        return [Sample(sample=r[0], state=r[1], attempts=r[2]) for r in rows]
+
+    def count_samples(self) -> dict[str, int]:
+        rows = self._conn.execute("SELECT state, COUNT(*) FROM samples GROUP BY state").fetchall()
+        return {state: n for state, n in rows}
+
+    # -- items ------------------------------------------------------------------------------------------
+
+    def save_item(self, it: Item) -> None:
+        self._conn.execute(
+            f"INSERT OR REPLACE INTO items ({_ITEM_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                it.item_id,
+                it.sample,
+                it.attempt,
+                it.stage,
+                it.kind,
+                it.status,
+                it.miner,
+                it.session,
+                it.forward_item,
+                _ref_json(it.input),
+                it.output_key,
+                _ref_json(it.output),
+                it.created_at,
+                it.assigned_at,
+                it.deadline,
+                it.completed_at,
+            ),
+        )
+
+    def load_items(self, sample: int, attempt: int) -> list[Item]:
+        rows = self._conn.execute(
+            f"SELECT {_ITEM_COLUMNS} FROM items WHERE sample = ? AND attempt = ?", (sample, attempt)
+        ).fetchall()
+        return [_item(r) for r in rows]
+
+    def get_item(self, item_id: str) -> Item | None:
+        row = self._conn.execute(
+            f"SELECT {_ITEM_COLUMNS} FROM items WHERE item_id = ?", (item_id,)
+        ).fetchone()
+        return None if row is None else _item(row)
+
+    def count_items(self, status: str) -> int:
+        row = self._conn.execute("SELECT COUNT(*) FROM items WHERE status = ?", (status,)).fetchone()
+        return int(row[0])
+
+    # -- losses and events ------------------------------------------------------------------------------
+
+    def add_loss(self, sample: int, attempt: int, loss: float, at: float, pathway: list[str]) -> int:
+        cur = self._conn.execute(
+            "INSERT INTO losses (sample, attempt, loss, at, pathway) VALUES (?,?,?,?,?)",
+            (sample, attempt, loss, at, json.dumps(pathway)),
+        )
+        return int(cur.lastrowid or 0)
+
+    def losses_after(self, after: int, limit: int) -> list[tuple[int, int, int, float, float, list[str]]]:
+        rows = self._conn.execute(
+            "SELECT seq, sample, attempt, loss, at, pathway FROM losses WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        return [(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
+
+    def add_event(
+        self,
+        at: float,
+        kind: str,
+        detail: str,
+        *,
+        sample: int | None = None,
+        attempt: int | None = None,
+        miner: str | None = None,
+    ) -> None:
+        self._conn.execute(
+            "INSERT INTO events (at, kind, sample, attempt, miner, detail) VALUES (?,?,?,?,?,?)",
+            (at, kind, sample, attempt, miner, detail),
+        )
+
+    def count_events(self, kind: str) -> int:
+        row = self._conn.execute("SELECT COUNT(*) FROM events WHERE kind = ?", (kind,)).fetchone()
+        return int(row[0])
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT seq, at, kind, sample, attempt, miner, detail FROM events"
+        rows = self._conn.execute(
+            sql + (" WHERE kind = ?" if kind else "") + " ORDER BY seq", (kind,) if kind else ()
+        ).fetchall()
+        names = ("seq", "at", "kind", "sample", "attempt", "miner", "detail")
+        return [dict(zip(names, r, strict=True)) for r in rows]
+
+    # -- garbage ----------------------------------------------------------------------------------------
+
+    def add_garbage(self, keys: list[str], not_before: float) -> None:
+        self._conn.executemany(
+            "INSERT OR IGNORE INTO garbage (key, not_before) VALUES (?, ?)", [(k, not_before) for k in keys]
+        )
+
+    def due_garbage(self, now: float, limit: int = 1000) -> list[str]:
+        rows = self._conn.execute(
+            "SELECT key FROM garbage WHERE not_before <= ? LIMIT ?", (now, limit)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def remove_garbage(self, keys: list[str]) -> None:
+        self._conn.executemany("DELETE FROM garbage WHERE key = ?", [(k,) for k in keys])
+
+    def count_garbage(self) -> int:
+        return int(self._conn.execute("SELECT COUNT(*) FROM garbage").fetchone()[0])

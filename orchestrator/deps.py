@@ -1,0 +1,35 @@
+"""FastAPI dependencies: the orchestrator behind the app, and verified, registered callers."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from common.auth import VerifiedRequest
+from orchestrator.scheduler import SchedulerError
+from orchestrator.service import Orchestrator
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def get_orchestrator(request: Request) -> Orchestrator:
+    orchestrator: Orchestrator = request.app.state.orchestrator
+    return orchestrator
+
+
+async def signed(request: Request) -> VerifiedRequest:
+    """A request signed (Epistula) by a hotkey registered on the subnet; 401/403/413 otherwise."""
+    return await get_orchestrator(request).verify(request)
+
+
+def parse(model: type[M], req: VerifiedRequest) -> M:
+    """The signed body as `model`; 422 with the first problems spelled out."""
+    try:
+        return model.model_validate_json(req.body)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors()[:5]
+        )
+        raise SchedulerError(422, "invalid_body", f"{model.__name__}: {problems}") from None

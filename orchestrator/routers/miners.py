@@ -1,0 +1,39 @@
+"""Miner registration: signed, for hotkeys registered on the subnet only."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from common.auth import VerifiedRequest
+from common.protocol import RegisterRequest, RegisterResponse
+from orchestrator.deps import get_orchestrator, parse, signed
+from orchestrator.scheduler import SchedulerError
+from orchestrator.service import Orchestrator
+
+router = APIRouter(prefix="/v1/miners", tags=["miners"])
+_signed = Depends(signed)
+_orchestrator = Depends(get_orchestrator)
+
+
+@router.post("/register", response_model=RegisterResponse)
+async def register(req: VerifiedRequest = _signed, orch: Orchestrator = _orchestrator) -> RegisterResponse:
+    """Join the run: get a stage, a session, the model, the data and the global weights to load."""
+    body = parse(RegisterRequest, req)
+    if body.corpus_fingerprint != orch.spec.data.fingerprint:
+        raise SchedulerError(
+            409,
+            "corpus_mismatch",
+            f"your corpus fingerprint {body.corpus_fingerprint[:12]} differs from the run's "
+            f"{orch.spec.data.fingerprint[:12]}; configure the same data source (IOTA_DATA_*)",
+        )
+    miner = orch.scheduler.register(req.hotkey, body.device)
+    return RegisterResponse(
+        run_id=orch.run_id,
+        session=miner.session,
+        stage=miner.stage,
+        model=orch.spec.model.to_dict(),
+        data=orch.spec.data,
+        training=orch.spec.training,
+        weights=orch.global_weights(miner.stage),
+        poll_wait_s=orch.settings.poll_wait_s,
+    )

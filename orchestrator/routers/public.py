@@ -1,0 +1,68 @@
+"""Read-only routes that expose nothing secret: health, run status and the loss log."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query
+
+from common.protocol import PROTOCOL_VERSION, LossPage, LossRecord, MinerStatus, RunStatus, StageStatus
+from orchestrator.assignment import stage_capacity
+from orchestrator.deps import get_orchestrator
+from orchestrator.service import Orchestrator
+
+router = APIRouter(tags=["public"])
+_orchestrator = Depends(get_orchestrator)
+
+
+@router.get("/health")
+async def health(orch: Orchestrator = _orchestrator) -> dict[str, str]:
+    return {"status": "ok", "run_id": orch.run_id}
+
+
+@router.get("/v1/status", response_model=RunStatus)
+async def status(orch: Orchestrator = _orchestrator) -> RunStatus:
+    sched, spec = orch.scheduler, orch.spec
+    active = [m for m in sched.miners.values() if m.active]
+    capacity = stage_capacity(sched.loads(), spec.model.n_stages)
+    return RunStatus(
+        run_id=orch.run_id,
+        protocol=PROTOCOL_VERSION,
+        preset=spec.model.name,
+        n_stages=spec.model.n_stages,
+        batch_size=spec.data.batch_size,
+        seq_len=spec.data.seq_len,
+        started_at=orch.started_at,
+        samples_issued=sched.next_sample,
+        samples_completed=sched.completed,
+        samples_in_flight=sched.in_flight(),
+        samples_waiting_retry=sched.waiting_retry(),
+        samples_dropped=sched.dropped,
+        attempts_failed=sched.attempts_failed,
+        items_completed=sched.items_completed,
+        stages=[
+            StageStatus(stage=s, miners=sum(m.stage == s for m in active), samples_per_s=capacity[s])
+            for s in range(spec.model.n_stages)
+        ],
+        miners=[
+            MinerStatus(
+                hotkey=m.hotkey,
+                stage=m.stage,
+                state="active" if m.active else "inactive",
+                items_completed=m.items_completed,
+                seconds_per_sample=sched.seconds_per_sample(m),
+            )
+            for m in sched.miners.values()
+        ],
+    )
+
+
+@router.get("/v1/losses", response_model=LossPage)
+async def losses(
+    after: int = Query(0, ge=0), limit: int = Query(1000, ge=1, le=10_000), orch: Orchestrator = _orchestrator
+) -> LossPage:
+    """The tail's losses in order, each with its pathway (the miner at every stage)."""
+    rows = orch.db.losses_after(after, limit)
+    records = [
+        LossRecord(seq=seq, sample=sample, attempt=attempt, loss=loss, at=at, pathway=pathway)
+        for seq, sample, attempt, loss, at, pathway in rows
+    ]
+    return LossPage(records=records, next_after=records[-1].seq if records else after)

@@ -1,0 +1,90 @@
+"""Work: long-poll for an item, complete it (after the upload is checked), give it up, or re-presign."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends
+
+from common.auth import VerifiedRequest
+from common.protocol import (
+    Ack,
+    CompleteRequest,
+    CompleteResponse,
+    FailRequest,
+    PresignRequest,
+    UploadTarget,
+    WorkRequest,
+    WorkResponse,
+)
+from common.storage import StorageError
+from orchestrator.deps import get_orchestrator, parse, signed
+from orchestrator.scheduler import SchedulerError
+from orchestrator.service import Orchestrator
+
+router = APIRouter(prefix="/v1/work", tags=["work"])
+_signed = Depends(signed)
+_orchestrator = Depends(get_orchestrator)
+
+
+@router.post("/next", response_model=WorkResponse)
+async def next_work(req: VerifiedRequest = _signed, orch: Orchestrator = _orchestrator) -> WorkResponse:
+    """The caller's next item, waiting up to `wait_s` for one; also lists forward state to drop."""
+    body = parse(WorkRequest, req)
+    loop = asyncio.get_running_loop()
+    until = loop.time() + min(body.wait_s, orch.settings.poll_wait_s)
+    event = orch.wakeups.event(req.hotkey)
+    while True:
+        # Checked again after every wait: the miner may have re-registered meanwhile.
+        miner = orch.scheduler.session_miner(req.hotkey, body.run_id, body.session)
+        event.clear()  # before looking, so a notify that lands after the look is not lost
+        item = orch.scheduler.next_item(miner)
+        cancelled = orch.scheduler.take_cancelled(miner)
+        remaining = until - loop.time()
+        if item is not None or cancelled or miner.move_to is not None or remaining <= 0:
+            break
+        try:
+            await asyncio.wait_for(event.wait(), remaining)
+        except TimeoutError:
+            pass
+    return WorkResponse(
+        item=orch.work_item(item) if item is not None else None,
+        cancelled=cancelled,
+        move_to_stage=miner.move_to,
+    )
+
+
+@router.post("/complete", response_model=CompleteResponse)
+async def complete(req: VerifiedRequest = _signed, orch: Orchestrator = _orchestrator) -> CompleteResponse:
+    """Report an item done. The output object must exist with exactly the reported size and sha256."""
+    body = parse(CompleteRequest, req)
+    miner = orch.scheduler.session_miner(req.hotkey, body.run_id, body.session)
+    item = orch.scheduler.check_complete(miner, body)
+    if item is not None and body.output is not None:
+        try:
+            problem = await asyncio.to_thread(orch.check_upload, body.output)
+        except StorageError as error:
+            raise SchedulerError(503, "storage_unavailable", f"could not check the upload: {error}") from None
+        if problem is not None:
+            orch.scheduler.record_bad_upload(miner, item, problem)
+            raise SchedulerError(422, "bad_upload", problem)
+        miner = orch.scheduler.session_miner(req.hotkey, body.run_id, body.session)
+    return CompleteResponse(sample_completed=orch.scheduler.complete(miner, body))
+
+
+@router.post("/fail", response_model=Ack)
+async def fail(req: VerifiedRequest = _signed, orch: Orchestrator = _orchestrator) -> Ack:
+    """Give up on the caller's current item; with `blame_input`, its input was bad."""
+    body = parse(FailRequest, req)
+    miner = orch.scheduler.session_miner(req.hotkey, body.run_id, body.session)
+    orch.scheduler.fail_item(miner, body.item_id, body.reason, blame_input=body.blame_input)
+    return Ack()
+
+
+@router.post("/presign", response_model=UploadTarget)
+async def presign(req: VerifiedRequest = _signed, orch: Orchestrator = _orchestrator) -> UploadTarget:
+    """A fresh upload URL for the output of the caller's current item (and for no other key)."""
+    body = parse(PresignRequest, req)
+    miner = orch.scheduler.session_miner(req.hotkey, body.run_id, body.session)
+    orch.scheduler.may_upload(miner, body.key)
+    return orch.upload_target(body.key)

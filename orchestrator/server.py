@@ -1,0 +1,61 @@
+"""Build the orchestrator from settings and serve it with uvicorn (`iota orchestrator`)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import uvicorn
+
+from common.chain import make_chain
+from common.config import AuthSettings, ChainSettings, DataSettings, ModelSettings, S3Settings
+from common.data import make_corpus
+from common.storage import ObjectStore
+from orchestrator.app import create_app
+from orchestrator.db import StateDB
+from orchestrator.service import Orchestrator, run_spec
+from orchestrator.settings import OrchestratorSettings
+
+log = logging.getLogger("iota.orchestrator")
+
+
+def build_orchestrator(
+    settings: OrchestratorSettings | None = None,
+    *,
+    s3: S3Settings | None = None,
+    chain: ChainSettings | None = None,
+    auth: AuthSettings | None = None,
+    model: ModelSettings | None = None,
+    data: DataSettings | None = None,
+) -> Orchestrator:
+    settings = settings or OrchestratorSettings()
+    s3, chain, auth = s3 or S3Settings(), chain or ChainSettings(), auth or AuthSettings()
+    model, data = model or ModelSettings(), data or DataSettings()
+    corpus = make_corpus(data)
+    spec = run_spec(settings, model, data, corpus)
+    store = ObjectStore.from_settings(s3)
+    store.ensure_bucket()
+    return Orchestrator(
+        settings,
+        spec=spec,
+        corpus=corpus,
+        db=StateDB(settings.state_path),
+        store=store,
+        chain=make_chain(chain),
+        auth=auth,
+        metagraph_refresh_s=chain.metagraph_ttl_s,
+    )
+
+
+def serve(orchestrator: Orchestrator, host: str, port: int) -> None:
+    """Serve until SIGINT/SIGTERM. Binds the socket itself so that port 0 works and TCP_NODELAY is set."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    log.info(
+        "orchestrator for run %s listening on http://%s:%d", orchestrator.run_id, host, sock.getsockname()[1]
+    )
+    config = uvicorn.Config(
+        create_app(orchestrator), log_level="warning", access_log=False, timeout_graceful_shutdown=5
+    )
+    uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,296 @@
+"""The orchestrator as one object: the run, its scheduler, the bucket, who may call, and the background
+loops (reaping, rebalancing, garbage collection, chain refresh). The HTTP routes are thin over this."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from common.auth import EpistulaVerifier, signed_request_dependency
+from common.chain import Chain
+from common.codec import content_hash
+from common.config import AuthSettings, DataSettings, ModelSettings
+from common.data import Corpus, SampleId, SampleSchedule
+from common.model import ModelConfig, get_preset
+from common.protocol import (
+    ArtifactRef,
+    DataSpec,
+    DownloadSource,
+    GlobalWeights,
+    TrainingSpec,
+    UploadTarget,
+    WorkItem,
+)
+from common.storage import ObjectStore, StorageError
+from orchestrator.db import Item, StateDB
+from orchestrator.scheduler import Scheduler, SchedulerError
+from orchestrator.settings import OrchestratorSettings
+
+log = logging.getLogger("iota.orchestrator")
+
+# Boundary tensors are B x T x b values; allow the codec's header and safetensors' JSON header on top.
+_PAYLOAD_OVERHEAD_BYTES = 64 * 1024
+
+
+class RunMismatch(RuntimeError):
+    """The state file belongs to a run with other settings; refuse rather than silently mix two runs."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a run is; fixed at creation and checked on every restart."""
+
+    model: ModelConfig
+    data: DataSpec
+    training: TrainingSpec
+    seed: int
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "model": self.model.to_dict(),
+            "data": self.data.model_dump(),
+            "training": self.training.model_dump(),
+            "seed": self.seed,
+        }
+
+
+def run_spec(
+    settings: OrchestratorSettings,
+    model: ModelSettings,
+    data: DataSettings,
+    corpus: Corpus,
+    stage_blocks: tuple[int, ...] | None = None,
+) -> RunSpec:
+    overrides: dict[str, object] = {}
+    if model.bottleneck_ratio:
+        overrides["bottleneck_ratio"] = model.bottleneck_ratio
+    if stage_blocks:
+        overrides["stage_blocks"] = tuple(stage_blocks)
+    cfg = get_preset(model.preset, **overrides)
+    if data.seq_len > cfg.max_seq_len:
+        raise ValueError(f"seq_len {data.seq_len} exceeds the preset's max_seq_len {cfg.max_seq_len}")
+    if corpus.tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {corpus.tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}"
+        )
+    return RunSpec(
+        model=cfg,
+        data=DataSpec(
+            source=data.source,
+            fingerprint=corpus.fingerprint,
+            batch_size=data.batch_size,
+            seq_len=data.seq_len,
+        ),
+        training=TrainingSpec(
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
+            beta1=settings.beta1,
+            beta2=settings.beta2,
+            grad_clip=settings.grad_clip,
+            max_outstanding=settings.max_outstanding,
+            wire_dtype=settings.wire_dtype,
+            wire_int8=settings.wire_int8,
+            wire_compress=settings.wire_compress,
+        ),
+        seed=model.seed,
+    )
+
+
+def open_run(db: StateDB, spec: RunSpec, clock: Callable[[], float] = time.time) -> str:
+    """The run id stored in `db`, creating the run on first start; refuses a state file of another run."""
+    run_id = db.get_meta("run_id")
+    if run_id is None:
+        run_id = time.strftime("run-%Y%m%d-%H%M%S-", time.gmtime(clock())) + secrets.token_hex(3)
+        with db.transaction():
+            db.set_meta("run_id", run_id)
+            db.set_meta("spec", spec.as_json())
+            db.set_meta("started_at", clock())
+        return str(run_id)
+    stored = db.get_meta("spec")
+    if stored != spec.as_json():
+        raise RunMismatch(
+            f"{db.path} holds run {run_id}, created with other settings (model, data or training). "
+            "Start it with the same settings, or point IOTA_ORCH_STATE_PATH at a new file for a new run."
+        )
+    return str(run_id)
+
+
+class HotkeyRegistry:
+    """Which hotkeys are registered on the subnet, refreshed from the chain in the background.
+
+    The check runs inside request verification, so it must never wait on the chain: it reads a cached
+    set, and a miss only asks the background loop to refresh sooner.
+    """
+
+    def __init__(self, chain: Chain, refresh_s: float) -> None:
+        self.chain, self.refresh_s = chain, refresh_s
+        self.hotkeys: frozenset[str] = frozenset()
+        self._wake = asyncio.Event()
+
+    def refresh(self) -> None:
+        self.hotkeys = frozenset(self.chain.metagraph().hotkeys)
+
+    def admit(self, hotkey: str) -> bool:
+        if hotkey in self.hotkeys:
+            return True
+        self._wake.set()
+        return False
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.refresh_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await asyncio.to_thread(self.refresh)
+            except Exception as error:  # the chain being unreachable must not stop the orchestrator
+                log.warning("could not refresh the metagraph: %s", error)
+            await asyncio.sleep(1.0)  # at most one refresh a second, however many misses
+
+
+class Wakeups:
+    """One event per long-polling miner, set when something that miner may take has arrived."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+
+    def event(self, hotkey: str) -> asyncio.Event:
+        return self._events.setdefault(hotkey, asyncio.Event())
+
+    def notify(self, hotkey: str) -> None:
+        event = self._events.get(hotkey)
+        if event is not None:
+            event.set()
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        settings: OrchestratorSettings,
+        *,
+        spec: RunSpec,
+        corpus: Corpus,
+        db: StateDB,
+        store: ObjectStore,
+        chain: Chain,
+        auth: AuthSettings,
+        metagraph_refresh_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings, self.spec, self.corpus, self.db, self.store = settings, spec, corpus, db, store
+        self.clock = clock
+        self.run_id = open_run(db, spec, clock)
+        self.started_at = float(db.get_meta("started_at") or clock())
+        self.schedule = SampleSchedule(corpus, seed=spec.seed)
+        self.wakeups = Wakeups()
+        self.scheduler = Scheduler(
+            db,
+            run_id=self.run_id,
+            n_stages=spec.model.n_stages,
+            settings=settings,
+            sample_ids=self.sample_ids,
+            clock=clock,
+            notify=self.wakeups.notify,
+        )
+        self.registry = HotkeyRegistry(chain, metagraph_refresh_s)
+        self.verifier = EpistulaVerifier(auth, clock=clock, admit=self.registry.admit)
+        self.verify = signed_request_dependency(self.verifier)
+        b, t = spec.data.batch_size, spec.data.seq_len
+        self.max_payload_bytes = b * t * spec.model.bottleneck_dim * 4 + _PAYLOAD_OVERHEAD_BYTES
+
+    def sample_ids(self, sample: int) -> list[SampleId]:
+        b = self.spec.data.batch_size
+        return [self.schedule.sample(sample * b + j) for j in range(b)]
+
+    def global_weights(self, stage: int) -> GlobalWeights:
+        # Until merging lands, the global weights are the seeded initialisation every replica rebuilds.
+        return GlobalWeights(version=0, seed=self.spec.seed)
+
+    # -- wire forms ---------------------------------------------------------------------------------------
+
+    def work_item(self, it: Item) -> WorkItem:
+        source = None
+        if it.input is not None:
+            ref = it.input
+            source = DownloadSource(
+                key=ref.key, url=self.store.presign_get(ref.key), size=ref.size, sha256=ref.sha256
+            )
+        target = None
+        if it.output_key is not None:
+            target = self.upload_target(it.output_key)
+        return WorkItem(
+            item_id=it.item_id,
+            kind=it.kind,
+            sample=it.sample,
+            attempt=it.attempt,
+            stage=it.stage,  # type: ignore[arg-type]
+            forward_item=it.forward_item,
+            samples=self.scheduler.samples_of(it),
+            input=source,
+            output=target,
+            deadline_in_s=max(0.0, it.deadline - self.clock()),
+        )
+
+    def upload_target(self, key: str) -> UploadTarget:
+        expiry = max(60, int(self.settings.item_timeout_s * 2))
+        return UploadTarget(key=key, url=self.store.presign_put(key, expires_s=expiry), expires_in_s=expiry)
+
+    # -- checking an upload before accepting it ---------------------------------------------------------
+
+    def check_upload(self, ref: ArtifactRef) -> str | None:
+        """Why the object behind `ref` is not what its producer announced, or None if it is.
+
+        Blocking (HEAD and GET against the bucket): run it in a thread.
+        """
+        if ref.size > self.max_payload_bytes:
+            return f"{ref.size} bytes is more than a boundary tensor can take ({self.max_payload_bytes})"
+        # A presigned PUT cannot pin the content, so read back what is actually stored: one GET.
+        data = self.store.get_exact(ref.key, ref.size)
+        if data is None:
+            return f"no object of {ref.size} bytes at {ref.key}; upload it before reporting completion"
+        if content_hash(data) != ref.sha256:
+            return f"the object at {ref.key} does not hash to the reported sha256"
+        return None
+
+    # -- background loops ---------------------------------------------------------------------------------
+
+    async def reap_loop(self) -> None:
+        last_rebalance = self.clock()
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.scheduler.reap()
+                if self.clock() - last_rebalance >= self.settings.rebalance_interval_s:
+                    last_rebalance = self.clock()
+                    if move := self.scheduler.rebalance():
+                        log.info(
+                            "moving miner %s from stage %d to %d",
+                            move.hotkey[:8],
+                            move.from_stage,
+                            move.to_stage,
+                        )
+            except Exception:
+                log.exception("reaping failed; will try again")
+
+    async def garbage_loop(self) -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            keys = self.db.due_garbage(self.clock())
+            if not keys:
+                continue
+            try:
+                await asyncio.to_thread(self.store.delete, keys)
+            except StorageError as error:
+                log.warning("could not delete %d objects (will retry): %s", len(keys), error)
+                continue
+            with self.db.transaction():
+                self.db.remove_garbage(keys)
+
+
+__all__ = ["Orchestrator", "RunMismatch", "RunSpec", "SchedulerError", "open_run", "run_spec"]

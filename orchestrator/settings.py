@@ -1,0 +1,58 @@
+"""The orchestrator's own settings (`IOTA_ORCH_`): where it listens, where its state lives, and the run's
+training and scheduling knobs. Shared groups (S3, chain, auth, model, data) come from `common.config`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings
+
+from common.config import _config
+
+
+class OrchestratorSettings(BaseSettings):
+    model_config = _config("IOTA_ORCH_")
+
+    host: str = Field("127.0.0.1", description="Address to listen on; 0.0.0.0 to serve other machines.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
+    state_path: Path = Field(
+        Path(".iota/orchestrator.sqlite"), description="SQLite file holding the run's state (WAL mode)."
+    )
+    # -- the run's inner optimiser and wire format (fixed when the run is created) --
+    lr: float = Field(1e-3, gt=0, description="Miners' inner AdamW learning rate.")
+    weight_decay: float = Field(0.1, ge=0, description="Inner AdamW weight decay.")
+    beta1: float = Field(0.9, ge=0, lt=1, description="Inner AdamW beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="Inner AdamW beta2.")
+    grad_clip: float = Field(1.0, ge=0, description="Per-stage gradient norm clip; 0 disables it.")
+    wire_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of activations and gradients between stages."
+    )
+    wire_int8: bool = Field(False, description="Quantise activations and gradients to int8 on the wire.")
+    wire_compress: bool = Field(False, description="lz4-compress activations and gradients on the wire.")
+    # -- scheduling --
+    max_outstanding: int = Field(
+        4, ge=1, le=64, description="Forwards a miner may hold awaiting their backward (its memory bound)."
+    )
+    item_timeout_s: float = Field(
+        60.0, gt=0, description="Deadline of one work item, from when it is queued or handed out."
+    )
+    miner_timeout_s: float = Field(
+        30.0, gt=0, description="A miner not heard from for this long is inactive; its work is requeued."
+    )
+    poll_wait_s: float = Field(
+        5.0, ge=0, le=60, description="Longest time a miner's request for work is held open."
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="Attempts per sample before it is dropped (and recorded as dropped)."
+    )
+    rebalance_interval_s: float = Field(
+        30.0, gt=0, description="How often stage assignment is checked for a starving stage."
+    )
+    garbage_delay_s: float = Field(
+        30.0, ge=0, description="Grace before a finished sample's objects are deleted from the bucket."
+    )
+    max_samples: int | None = Field(
+        None, ge=1, description="Stop handing out new samples after this many (empty: no limit)."
+    )
