@@ -112,6 +112,9 @@ class ModelSettings(BaseSettings):
         None, ge=1, description="d_model / b at stage boundaries; empty keeps the preset's default."
     )
     seed: int = Field(0, description="Seed of the identical initialisation every replica starts from.")
+    stages: int | None = Field(
+        None, ge=2, description="Split the preset's blocks into this many stages; empty keeps its split."
+    )
 
     @field_validator("preset")
     @classmethod

@@ -122,6 +122,9 @@ def run_orchestrator(
 @app.command("miner")
 def run_miner(
     orchestrator_url: str = typer.Option(None, help="Orchestrator URL (IOTA_MINER_ORCHESTRATOR_URL)."),
+    behavior: str = typer.Option(
+        None, help="Deliberate misbehaviour for tests and the devnet (IOTA_MINER_BEHAVIOR); keep honest."
+    ),
     json_logs: bool = _JSON_LOGS,
     log_level: str = _LOG_LEVEL,
 ) -> None:
@@ -135,9 +138,8 @@ def run_miner(
     from miner.worker import MinerWorker
 
     _log_options(json_logs, log_level, "miner")
-    settings = MinerSettings()
-    if orchestrator_url:
-        settings = settings.model_copy(update={"orchestrator_url": orchestrator_url})
+    overrides = {"orchestrator_url": orchestrator_url, "behavior": behavior}
+    settings = MinerSettings(**{k: v for k, v in overrides.items() if v is not None})
     try:
         keypair = load_hotkey(WalletSettings())
     except WalletError as error:

@@ -46,7 +46,7 @@ class DevnetOptions:
     torch_threads: int | None = None  # per miner; default: the cores shared among the miners
     behaviors: list[str] = field(default_factory=list)  # extra misbehaving miners
     extra_env: dict[str, str] = field(default_factory=dict)
-    keep_workdir: bool = True
+    snapshots: bool = False  # miners save their stage's weights to logs/<name>.safetensors on exit
 
 
 def _free_port() -> int:
@@ -177,9 +177,18 @@ class Devnet:
             IOTA_MINER_BEHAVIOR=behavior,
             IOTA_MINER_TORCH_THREADS=str(threads),
             IOTA_MINER_TIMINGS_FILE=str(self.workdir / "logs" / f"{name}.timings.json"),
+            IOTA_MINER_SNAPSHOT_FILE=str(self.snapshot_path(name)) if self.options.snapshots else "",
         )
         self.miners[name] = self._spawn(name, ["miner"], env)
         return name
+
+    def snapshot_path(self, name: str) -> Path:
+        return self.workdir / "logs" / f"{name}.safetensors"
+
+    def stop_miner(self, name: str, timeout_s: float = 30.0) -> None:
+        """SIGTERM, the way an operator stops it: the miner finishes its item and writes its files."""
+        self.miners[name].send_signal(signal.SIGTERM)
+        self.miners[name].wait(timeout_s)
 
     def kill_miner(self, name: str) -> None:
         self.miners[name].send_signal(signal.SIGKILL)

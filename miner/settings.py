@@ -27,6 +27,9 @@ class MinerSettings(BaseSettings):
     timings_file: Path | None = Field(
         None, description="Write where the miner's time goes (JSON) to this file every few seconds."
     )
+    snapshot_file: Path | None = Field(
+        None, description="Write this stage's current weights (safetensors) to this file when stopping."
+    )
     behavior: BehaviorName = Field(
         "honest", description="Deliberate misbehaviour, for tests and the devnet only. Keep `honest`."
     )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import httpx
 import torch
 from bittensor.sp_core import Keypair
+from safetensors.torch import save_file
 
 from common.codec import CodecError, TensorSpec, content_hash, decode_tensor, encode_tensor
 from common.config import DataSettings
@@ -186,6 +187,9 @@ class MinerWorker:
                 backoff = min(backoff * 2, 30.0)
             self._maybe_log_status()
         self._write_timings()
+        if self.settings.snapshot_file and self.trainer is not None:
+            save_file(self.trainer.weights(), str(self.settings.snapshot_file))
+            log.info("saved this stage's weights to %s", self.settings.snapshot_file)
         self.client.close()
         self._s3.close()
 

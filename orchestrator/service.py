@@ -16,6 +16,7 @@ from common.codec import content_hash
 from common.config import AuthSettings, DataSettings, ModelSettings
 from common.data import Corpus, SampleId, SampleSchedule
 from common.model import ModelConfig, get_preset
+from common.model.config import split_blocks
 from common.protocol import (
     ArtifactRef,
     DataSpec,
@@ -59,18 +60,14 @@ class RunSpec:
 
 
 def run_spec(
-    settings: OrchestratorSettings,
-    model: ModelSettings,
-    data: DataSettings,
-    corpus: Corpus,
-    stage_blocks: tuple[int, ...] | None = None,
+    settings: OrchestratorSettings, model: ModelSettings, data: DataSettings, corpus: Corpus
 ) -> RunSpec:
     overrides: dict[str, object] = {}
     if model.bottleneck_ratio:
         overrides["bottleneck_ratio"] = model.bottleneck_ratio
-    if stage_blocks:
-        overrides["stage_blocks"] = tuple(stage_blocks)
     cfg = get_preset(model.preset, **overrides)
+    if model.stages:
+        cfg = cfg.with_overrides(stage_blocks=split_blocks(cfg.n_layers, model.stages))
     if data.seq_len > cfg.max_seq_len:
         raise ValueError(f"seq_len {data.seq_len} exceeds the preset's max_seq_len {cfg.max_seq_len}")
     if corpus.tokenizer.vocab_size > cfg.vocab_size:

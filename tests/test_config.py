@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from common.config import ALL_SETTINGS, AuthSettings, ChainSettings, ModelSettings, S3Settings
+from common.config import ALL_SETTINGS as COMMON_SETTINGS
+from common.config import AuthSettings, ChainSettings, ModelSettings, S3Settings
+from miner.settings import MinerSettings
+from orchestrator.settings import OrchestratorSettings
+
+# The shared groups plus each role's own; `common` cannot import the roles, the test can.
+ALL_SETTINGS = (*COMMON_SETTINGS, OrchestratorSettings, MinerSettings)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / ".env.example"
 
