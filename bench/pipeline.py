@@ -75,10 +75,9 @@ def data_settings(batch: int, seq: int) -> DataSettings:
 
 
 def single_process(
-    preset: str, batch: int, seq: int, warmup: int, seconds: float, steps: int
+    preset: str, batch: int, seq: int, warmup: int, seconds: float, steps: int, threads: int
 ) -> dict[str, Any]:
     """Train the whole model in this process; tokens/s over `steps` steps, or over about `seconds`."""
-    threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     cfg = get_preset(preset)
     model = IotaModel(cfg, seed=0)
@@ -124,6 +123,7 @@ def single_process_subprocess(args: argparse.Namespace) -> dict[str, Any]:
         sys.executable, __file__, "--single-process-only", "--preset", args.preset,
         "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--warmup", str(args.warmup),
         "--single-seconds", str(args.single_seconds), "--single-steps", str(args.single_steps),
+        "--single-threads", str(args.single_threads),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -163,6 +163,7 @@ class CpuSampler:
         self.first: dict[str, float] = {}
         self.last: dict[str, float] = {}
         self.first_t = self.last_t = 0.0
+        self.last_wall = 0.0  # wall-clock time of the last sample, about a second before the window closes
         self.names: dict[str, str] = {}
 
     def sample(self) -> None:
@@ -182,7 +183,7 @@ class CpuSampler:
                 now[name] = info[1]
         if not self.first:
             self.first, self.first_t = now, time.monotonic()
-        self.last, self.last_t = now, time.monotonic()
+        self.last, self.last_t, self.last_wall = now, time.monotonic(), time.time()
 
     def result(self) -> dict[str, Any] | None:
         window = self.last_t - self.first_t
@@ -222,13 +223,20 @@ def _breakdown(files: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def time_breakdown(workdir: Path) -> dict[str, Any]:
-    """Per stage and in total: the miners' seconds per category and their share of the miners' wall time."""
-    files = [json.loads(p.read_text()) for p in sorted((workdir / "logs").glob("miner*.timings.json"))]
+def time_breakdown(workdir: Path, window_end: float) -> dict[str, Any]:
+    """Per stage and in total: the miners' seconds per category and their share of the miners' wall time.
+
+    A file last written before `window_end` (wall clock) missed the miner's final write at exit: it covers
+    only part of the run, and is listed under `stale_files`.
+    """
+    paths = sorted((workdir / "logs").glob("miner*.timings.json"))
+    files = [json.loads(p.read_text()) for p in paths]
     stages = sorted({f["stage"] for f in files if f["stage"] is not None})
     return {
         "per_stage": {str(s): _breakdown([f for f in files if f["stage"] == s]) for s in stages},
         "total": _breakdown(files),
+        "miner_stage": {p.name.split(".")[0]: f["stage"] for p, f in zip(paths, files, strict=True)},
+        "stale_files": [p.name for p in paths if p.stat().st_mtime < window_end],
         "labels": LABELS,
     }
 
@@ -268,7 +276,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             progress(f"[{elapsed:4.0f} s] {status.samples_completed} samples done, loss {loss_text}")
 
     summary = run_devnet(options, on_progress)  # returns after every process has stopped
-    breakdown = time_breakdown(workdir)
+    breakdown = time_breakdown(workdir, sampler.last_wall)
     n_stages = int(summary["stages"])
     devnet_rate, single_rate = float(summary["tokens_per_s"]), float(single["tokens_per_s"])
     miner_threads = args.miner_threads or default_threads(n_stages * args.miners_per_stage)
@@ -297,8 +305,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "devnet tokens/s is timed from when every miner is registered; the first sample's pipeline fill "
             "is inside the window",
             "miners' wall time runs from process start to exit, so it includes startup and registration",
+            "compute and transfer seconds are wall clock: CPU contention (more busy threads than cores) "
+            "inflates them; the cpu section shows the CPU each process actually got",
         ],
     }
+    if breakdown["stale_files"]:
+        result["notes"].append(f"stale timings (no final write): {', '.join(breakdown['stale_files'])}")
+    cpu = result["cpu"]
+    if cpu:
+        for name, entry in cpu["processes"].items():
+            if name in breakdown["miner_stage"]:
+                entry["stage"] = breakdown["miner_stage"][name]
     if not args.keep_workdir and not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
         result["devnet_summary"]["workdir"] = None
@@ -337,7 +354,10 @@ def print_table(r: dict[str, Any]) -> None:
             f"CPU seconds over {cpu['window_s']} s of the measured window ({cpu['cores_busy']} cores busy):"
         )
         for name, p in cpu["processes"].items():
-            print(f"  {name:34} {p['cpu_s']:>8.1f} s  {p['cores_busy']:>5.2f} cores")
+            label = f"{name} (stage {p['stage']})" if "stage" in p else name
+            print(f"  {label:34} {p['cpu_s']:>8.1f} s  {p['cores_busy']:>5.2f} cores")
+    for note in r["notes"][3:]:
+        print(f"note: {note}")
 
 
 def main() -> None:
@@ -353,6 +373,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="single-process steps before timing")
     parser.add_argument("--single-seconds", type=float, default=20.0, help="single-process timed seconds")
     parser.add_argument("--single-steps", type=int, default=0, help="time this many steps instead (0: off)")
+    parser.add_argument("--single-threads", type=int, default=0, help="single-process torch threads (0: all)")
     parser.add_argument("--workdir", default=None, help="devnet state and logs (default: a temp folder)")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the temp workdir and its logs")
     parser.add_argument("--out", type=Path, default=OUT_DIR / "pipeline.json", help="where to write the JSON")
@@ -362,7 +383,13 @@ def main() -> None:
 
     if args.single_process_only:
         result = single_process(
-            args.preset, args.batch_size, args.seq_len, args.warmup, args.single_seconds, args.single_steps
+            args.preset,
+            args.batch_size,
+            args.seq_len,
+            args.warmup,
+            args.single_seconds,
+            args.single_steps,
+            args.single_threads or os.cpu_count() or 1,
         )
         print(json.dumps(result))
         return

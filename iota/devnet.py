@@ -83,17 +83,19 @@ class Devnet:
         self.stop()
 
     def stop(self) -> None:
-        procs = [*self.miners.values(), *([self.orchestrator] if self.orchestrator else [])]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for proc in procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        """Miners first (each finishes its item, reports it and writes its files), then the orchestrator."""
+        groups = [list(self.miners.values()), [self.orchestrator] if self.orchestrator else []]
+        for procs in groups:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 15
+            for proc in procs:
+                try:
+                    proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         self.http.close()
         self.s3.stop()
 

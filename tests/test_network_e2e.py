@@ -171,3 +171,23 @@ def test_the_orchestrator_killed_and_restarted_resumes_the_run(tmp_path: Path) -
     assert final.samples_dropped == 0 and final.samples_completed == n
     # The miners carried on with their sessions: nobody had to register again.
     assert len(registrations) == 3
+
+
+def test_miners_resync_with_a_new_run_instead_of_exiting(tmp_path: Path) -> None:
+    """The operator replaces the run (a new state file): every miner is told its run is gone, registers
+    with the new one, and trains on; none exits."""
+    options = DevnetOptions(batch_size=4, seq_len=64, workdir=tmp_path)
+    net = start(options, miners=3)
+    try:
+        first = net.wait_for(lambda s: s.samples_completed >= 3, timeout_s=90)
+        net.kill_orchestrator()
+        (tmp_path / "orchestrator.sqlite").unlink()
+        for suffix in ("-wal", "-shm"):
+            (tmp_path / f"orchestrator.sqlite{suffix}").unlink(missing_ok=True)
+        net.start_orchestrator()
+        second = net.wait_for(lambda s: s.samples_completed >= 3, timeout_s=120)
+        assert all(proc.poll() is None for proc in net.miners.values())
+    finally:
+        net.stop()
+    assert second.run_id != first.run_id
+    assert sorted(m.stage for m in second.miners) == [0, 1, 2]

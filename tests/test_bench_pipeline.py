@@ -1,0 +1,46 @@
+"""bench/pipeline.py end to end in a tiny configuration: a short devnet and a few single-process steps."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_pipeline_bench_json(tmp_path: Path) -> None:
+    out = tmp_path / "pipeline.json"
+    command = [
+        sys.executable, str(ROOT / "bench" / "pipeline.py"), "--json", "--duration", "5",
+        "--batch-size", "2", "--seq-len", "32", "--warmup", "1", "--single-steps", "2",
+        "--workdir", str(tmp_path / "devnet"), "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=110, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert json.loads(out.read_text()) == result
+    for key in (
+        "devnet_tokens_per_s",
+        "single_process_tokens_per_s",
+        "efficiency_ratio",
+        "time_breakdown",
+        "config",
+        "devnet_summary",
+    ):
+        assert key in result
+    assert result["single_process_tokens_per_s"] > 0
+    assert result["single_process"]["steps"] == 2
+    assert result["config"]["preset"] == "tiny" and result["config"]["seq_len"] == 32
+    assert result["devnet_summary"]["batch_size"] == 2
+    breakdown = result["time_breakdown"]
+    assert set(breakdown["per_stage"]) == {"0", "1", "2"}
+    assert breakdown["stale_files"] == []
+    total = breakdown["total"]
+    assert total["miners"] == 3 and total["wall_s"] > 0
+    assert set(total["seconds"]) >= {"compute", "download", "upload", "codec", "report", "poll", "other"}
