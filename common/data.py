@@ -91,6 +91,17 @@ class Corpus(Protocol):
     def tokens(self, sample: SampleId, seq_len: int) -> torch.Tensor: ...
 
 
+def check_sample(corpus: Corpus, sample: SampleId, seq_len: int, *, unit: str) -> None:
+    """Refuse a sample id that does not point into `corpus`, or a sequence too short to train on."""
+    if seq_len < 2:
+        raise ValueError("seq_len must be at least 2 (an input and a target)")
+    if sample.offset >= corpus.shard_size(sample.shard):
+        raise ValueError(
+            f"offset {sample.offset} is past the end of shard {sample.shard} "
+            f"({corpus.shard_size(sample.shard)} {unit})"
+        )
+
+
 def stdlib_source_dir() -> Path:
     """The running Python's standard-library folder: the devnet's default corpus."""
     return Path(sysconfig.get_paths()["stdlib"])
@@ -145,13 +156,7 @@ class LocalTextCorpus:
 
     def tokens(self, sample: SampleId, seq_len: int) -> torch.Tensor:
         """The `seq_len` int64 tokens of `sample`, identical on every machine that holds this corpus."""
-        if seq_len < 2:
-            raise ValueError("seq_len must be at least 2 (an input and a target)")
-        if sample.offset >= self.shard_size(sample.shard):
-            raise ValueError(
-                f"offset {sample.offset} is past the end of shard {sample.shard} "
-                f"({self.shard_size(sample.shard)} tokens)"
-            )
+        check_sample(self, sample, seq_len, unit="tokens")
         out: list[int] = []
         shard, offset = sample.shard, sample.offset
         while len(out) < seq_len:

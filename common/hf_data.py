@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import tokenizers
 import torch
 
-from common.data import SampleId, Tokenizer
+from common.data import SampleId, Tokenizer, check_sample
 
 # File suffix -> the `datasets` builder that reads it. JSON files must be JSON lines (one object a line).
 BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
@@ -195,9 +195,14 @@ class HFStreamingCorpus:
         self.dataset, self.config, self.split, self.text_field = dataset, config, split, text_field
         self.tokenizer = tokenizer
         self._files = list_data_files(dataset, config=config, split=split, data_files=data_files)
-        # Threads, because on the Hub each count is a round trip for a parquet footer.
+        # Parquet footers in threads, because on the Hub each is a round trip. The other formats go through
+        # `datasets`, whose tqdm progress bars are not safe to start from several threads at once.
+        parquet = [f for f in self._files if f.builder == "parquet"]
         with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(lambda f: _count_rows(f, text_field), self._files))
+            list(pool.map(lambda f: _count_rows(f, text_field), parquet))
+        for file in self._files:
+            if file.builder != "parquet":
+                _count_rows(file, text_field)
         self._starts = [0]
         for file in self._files:
             self._starts.append(self._starts[-1] + file.rows)
@@ -234,13 +239,7 @@ class HFStreamingCorpus:
 
     def tokens(self, sample: SampleId, seq_len: int) -> torch.Tensor:
         """The `seq_len` int64 tokens of `sample`, identical on every machine that holds this corpus."""
-        if seq_len < 2:
-            raise ValueError("seq_len must be at least 2 (an input and a target)")
-        if sample.offset >= self.shard_size(sample.shard):
-            raise ValueError(
-                f"offset {sample.offset} is past the end of shard {sample.shard} "
-                f"({self.shard_size(sample.shard)} rows)"
-            )
+        check_sample(self, sample, seq_len, unit="rows")
         out: list[int] = []
         shard, offset = sample.shard, sample.offset
         while len(out) < seq_len:

@@ -206,16 +206,24 @@ class ObjectStore:
 
     def head(self, key: str) -> ObjectInfo | None:
         """Size and ETag of `key`, or None when there is no such object."""
+        resp = self._call_or_none("head", key, self._s3.head_object)
+        if resp is None:
+            return None
+        return ObjectInfo(key=key, size=resp["ContentLength"], etag=_unquote_etag(resp["ETag"]))
+
+    def _call_or_none(
+        self, what: str, key: str, call: Callable[..., dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        """`call(Bucket, Key)`'s response, or None when there is no such object."""
         validate_key(key)
         try:
-            resp = self._s3.head_object(Bucket=self.bucket, Key=key)
+            return call(Bucket=self.bucket, Key=key)
         except ClientError as e:
             if _status(e) == 404:
                 return None
-            raise _wrap(e, f"head {key}") from e
+            raise _wrap(e, f"{what} {key}") from e
         except BotoCoreError as e:
-            raise StorageError(f"head {key}: {e}") from e
-        return ObjectInfo(key=key, size=resp["ContentLength"], etag=_unquote_etag(resp["ETag"]))
+            raise StorageError(f"{what} {key}: {e}") from e
 
     def get_bytes(self, key: str, *, max_bytes: int) -> bytes:
         """The whole object, refusing (before reading it) one larger than `max_bytes`."""
@@ -238,15 +246,9 @@ class ObjectStore:
 
     def get_exact(self, key: str, size: int) -> bytes | None:
         """The object if it has exactly `size` bytes, else None (missing, shorter or longer): one GET."""
-        validate_key(key)
-        try:
-            resp = self._s3.get_object(Bucket=self.bucket, Key=key)
-        except ClientError as e:
-            if _status(e) == 404:
-                return None
-            raise _wrap(e, f"get {key}") from e
-        except BotoCoreError as e:
-            raise StorageError(f"get {key}: {e}") from e
+        resp = self._call_or_none("get", key, self._s3.get_object)
+        if resp is None:
+            return None
         body = resp["Body"]
         try:
             with _s3_errors(f"get {key}"):

@@ -12,7 +12,7 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -96,34 +96,29 @@ class Sample:
     attempts: int
 
 
-_ITEM_COLUMNS = (
-    "item_id, sample, attempt, stage, kind, status, miner, session, forward_item, input, output_key, "
-    "output, created_at, assigned_at, deadline, completed_at"
-)
-_MINER_COLUMNS = (
-    "hotkey, session, stage, device, registered_at, last_seen, active, items_completed, forward_s, "
-    "backward_s, move_to"
-)
+# Row columns are the dataclass fields (minus the in-memory ones), so each mapping is written once.
+_ITEM_FIELDS = tuple(f.name for f in fields(Item))
+_MINER_FIELDS = tuple(f.name for f in fields(Miner) if f.name not in ("holding", "cancelled"))
+_ITEM_COLUMNS = ", ".join(_ITEM_FIELDS)
+_MINER_COLUMNS = ", ".join(_MINER_FIELDS)
+_ARTIFACT_FIELDS = ("input", "output")
 
 
-def _item(r: tuple[Any, ...]) -> Item:
-    return Item(
-        item_id=r[0],
-        sample=r[1],
-        attempt=r[2],
-        stage=r[3],
-        kind=r[4],
-        status=r[5],
-        miner=r[6],
-        session=r[7],
-        forward_item=r[8],
-        input=_ref(r[9]),
-        output_key=r[10],
-        output=_ref(r[11]),
-        created_at=r[12],
-        assigned_at=r[13],
-        deadline=r[14],
-        completed_at=r[15],
+def _marks(columns: tuple[str, ...]) -> str:
+    return ",".join("?" * len(columns))
+
+
+def _item(row: tuple[Any, ...]) -> Item:
+    values = dict(zip(_ITEM_FIELDS, row, strict=True))
+    for name in _ARTIFACT_FIELDS:
+        values[name] = _ref(values[name])
+    return Item(**values)
+
+
+def _item_row(it: Item) -> tuple[Any, ...]:
+    return tuple(
+        _ref_json(getattr(it, name)) if name in _ARTIFACT_FIELDS else getattr(it, name)
+        for name in _ITEM_FIELDS
     )
 
 
@@ -187,40 +182,16 @@ class StateDB:
 
     def save_miner(self, m: Miner) -> None:
         self._conn.execute(
-            f"INSERT OR REPLACE INTO miners ({_MINER_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                m.hotkey,
-                m.session,
-                m.stage,
-                m.device,
-                m.registered_at,
-                m.last_seen,
-                int(m.active),
-                m.items_completed,
-                m.forward_s,
-                m.backward_s,
-                m.move_to,
-            ),
+            f"INSERT OR REPLACE INTO miners ({_MINER_COLUMNS}) VALUES ({_marks(_MINER_FIELDS)})",
+            tuple(getattr(m, name) for name in _MINER_FIELDS),
         )
 
     def load_miners(self) -> list[Miner]:
         rows = self._conn.execute(f"SELECT {_MINER_COLUMNS} FROM miners").fetchall()
-        return [
-            Miner(
-                hotkey=r[0],
-                session=r[1],
-                stage=r[2],
-                device=r[3],
-                registered_at=r[4],
-                last_seen=r[5],
-                active=bool(r[6]),
-                items_completed=r[7],
-                forward_s=r[8],
-                backward_s=r[9],
-                move_to=r[10],
-            )
-            for r in rows
-        ]
+        miners = [Miner(**dict(zip(_MINER_FIELDS, row, strict=True))) for row in rows]
+        for miner in miners:
+            miner.active = bool(miner.active)  # SQLite stores it as 0/1
+        return miners
 
     # -- samples ----------------------------------------------------------------------------------------
 
@@ -245,25 +216,7 @@ class StateDB:
 
     def save_item(self, it: Item) -> None:
         self._conn.execute(
-            f"INSERT OR REPLACE INTO items ({_ITEM_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                it.item_id,
-                it.sample,
-                it.attempt,
-                it.stage,
-                it.kind,
-                it.status,
-                it.miner,
-                it.session,
-                it.forward_item,
-                _ref_json(it.input),
-                it.output_key,
-                _ref_json(it.output),
-                it.created_at,
-                it.assigned_at,
-                it.deadline,
-                it.completed_at,
-            ),
+            f"INSERT OR REPLACE INTO items ({_ITEM_COLUMNS}) VALUES ({_marks(_ITEM_FIELDS)})", _item_row(it)
         )
 
     def load_items(self, sample: int, attempt: int) -> list[Item]:

@@ -280,3 +280,28 @@ def test_accounting_stays_exact_under_random_faults(tmp_path: Path) -> None:
     # No sample is ever completed twice: one loss per completed attempt at most, and done rows are unique.
     losses = s.db.losses_after(0, 100_000)
     assert len({(sample, attempt) for _, sample, attempt, *_ in losses}) == len(losses)
+
+
+def test_a_starving_stage_gets_a_miner_moved_to_it(tmp_path: Path) -> None:
+    clock = Clock()
+    s = make(tmp_path / "s.db", clock)
+    head, body, tail, spare = register_pipeline(s, 4)  # the fourth joins stage 0
+    assert s.miners[spare].stage == 0
+    for hk in (head, spare):
+        s.miners[hk].forward_s = s.miners[hk].backward_s = 0.5
+    s.next_item(s.miners[spare])
+    finish(s, spare)  # it holds a forward that the move will cancel
+    clock.now += 6
+    for hk in (head, spare, tail):
+        s.miners[hk].last_seen = clock.now
+    s.reap()  # the only stage-1 miner went silent: stage 1 starves
+    assert not s.miners[body].active
+    move = s.rebalance()
+    assert move is not None and move.to_stage == 1 and move.from_stage == 0
+    moved = s.miners[move.hotkey]
+    assert moved.move_to == 1 and s.next_item(moved) is None
+    assert s.rebalance() is None  # one move at a time, and not twice for the same miner
+    s.register(move.hotkey, "cpu")  # the miner reacts to `move_to_stage` by registering again
+    assert (moved.stage, moved.move_to, moved.session) == (1, None, 2)
+    assert [e["miner"] for e in s.db.events("miner_moved")] == [move.hotkey]
+    check_accounting(s)
