@@ -38,10 +38,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.config import DataSettings  # noqa: E402
+from common.config import DataSettings, ModelSettings  # noqa: E402
 from common.data import SampleSchedule, batch_tokens, make_corpus  # noqa: E402
 from common.model import IotaModel, get_preset, next_token_loss  # noqa: E402
 from iota.devnet import DevnetOptions, default_threads, run_devnet  # noqa: E402
+from orchestrator.settings import OrchestratorSettings  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 CATEGORIES = ("compute", "download", "upload", "codec", "report", "poll")
@@ -54,9 +55,10 @@ LABELS = {
     "poll": "waiting for work (includes poll round trips)",
     "other": "other (startup, registration, head tokens, loop)",
 }
-# The orchestrator's defaults (orchestrator/settings.py), which the miners' inner AdamW uses.
-LR, WEIGHT_DECAY, BETAS, GRAD_CLIP = 1e-3, 0.1, (0.9, 0.95), 1.0
-SCHEDULE_SEED = 0  # ModelSettings.seed, the seed of the orchestrator's SampleSchedule
+# The defaults the devnet's processes run with (it strips IOTA_ variables from their environment), so
+# `model_construct`: the fields' defaults, whatever this process's environment says.
+RUN = OrchestratorSettings.model_construct()  # the miners' inner AdamW
+SCHEDULE_SEED = ModelSettings.model_construct().seed  # the seed of the orchestrator's SampleSchedule
 
 
 def data_settings(batch: int, seq: int) -> DataSettings:
@@ -81,18 +83,19 @@ def single_process(
     torch.set_num_threads(threads)
     cfg = get_preset(preset)
     model = IotaModel(cfg, seed=0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=RUN.lr, betas=(RUN.beta1, RUN.beta2), weight_decay=RUN.weight_decay
+    )
     corpus = make_corpus(data_settings(batch, seq))
     schedule = SampleSchedule(corpus, seed=SCHEDULE_SEED)
     losses: list[float] = []
 
     def one_step(index: int) -> None:
-        # Sample `index` is schedule entries index*B .. index*B + B-1, as the orchestrator hands them out.
-        tokens = batch_tokens(corpus, [schedule.sample(index * batch + j) for j in range(batch)], seq)
+        tokens = batch_tokens(corpus, schedule.batch(index, batch), seq)  # as the orchestrator hands it out
         loss = next_token_loss(model(tokens), tokens)
         loss.backward()
         for stage in model.stages:
-            torch.nn.utils.clip_grad_norm_(stage.parameters(), GRAD_CLIP)
+            torch.nn.utils.clip_grad_norm_(stage.parameters(), RUN.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())

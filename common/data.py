@@ -226,6 +226,10 @@ class SampleSchedule:
                 return sample
             attempt += 1
 
+    def batch(self, index: int, batch_size: int, split: Split = "train") -> list[SampleId]:
+        """The sequences of the network's sample `index`: schedule entries index*B .. index*B + B-1."""
+        return [self.sample(index * batch_size + j, split) for j in range(batch_size)]
+
 
 def batch_tokens(corpus: Corpus, samples: Sequence[SampleId], seq_len: int) -> torch.Tensor:
     """The (len(samples), seq_len) int64 batch of `samples`, one row each."""

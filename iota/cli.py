@@ -90,8 +90,9 @@ def show_presets(
 def _log_options(json_logs: bool, level: str, name: str) -> None:
     from common.logs import setup_logging
 
-    setup_logging(json_lines=json_logs or os.environ.get("IOTA_LOG_JSON", "") in ("1", "true"), level=level,
-                  name=name)
+    setup_logging(
+        json_lines=json_logs or os.environ.get("IOTA_LOG_JSON", "") in ("1", "true"), level=level, name=name
+    )
 
 
 _JSON_LOGS = typer.Option(False, "--json-logs", help="One JSON object per log line (or IOTA_LOG_JSON=1).")
@@ -172,12 +173,19 @@ def run_devnet_command(
     from iota.devnet import DevnetOptions, run_devnet, write_summary
 
     options = DevnetOptions(
-        preset=preset, stages=stages, miners_per_stage=miners_per_stage, batch_size=batch_size,
-        seq_len=seq_len, duration_s=None if samples and duration is None else (duration or 120.0),
-        samples=samples, workdir=workdir,
+        preset=preset,
+        stages=stages,
+        miners_per_stage=miners_per_stage,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        duration_s=None if samples and duration is None else (duration or 120.0),
+        samples=samples,
+        workdir=workdir,
     )
-    console.print(f"[bold]iota devnet[/bold]: preset {preset}, {miners_per_stage} miner(s) per stage; "
-                  "starting S3, chain, orchestrator and miners...")
+    console.print(
+        f"[bold]iota devnet[/bold]: preset {preset}, {miners_per_stage} miner(s) per stage; "
+        "starting S3, chain, orchestrator and miners..."
+    )
     with Live(console=console, refresh_per_second=2, transient=False) as live:
 
         def progress(status: Any, loss: float | None, elapsed: float) -> None:

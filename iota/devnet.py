@@ -26,7 +26,8 @@ import httpx
 
 from common.chain import LocalChain
 from common.keys import create_hotkey
-from common.protocol import LossRecord, RunStatus
+from common.model import get_preset
+from common.protocol import LossPage, LossRecord, RunStatus
 from common.s3server import EmbeddedS3
 
 NETUID = 9
@@ -163,6 +164,13 @@ class Devnet:
             time.sleep(0.2)
         raise TimeoutError(f"the orchestrator did not become healthy within {timeout_s} s")
 
+    def launch(self, behaviors: list[str], threads: int, timeout_s: float = 120.0) -> None:
+        """Start the orchestrator and one miner per behaviour, and wait until every miner is active."""
+        self.start_orchestrator()
+        for behavior in behaviors:
+            self.add_miner(behavior, threads)
+        self.wait_for(lambda s: sum(m.state == "active" for m in s.miners) >= len(behaviors), timeout_s)
+
     def kill_orchestrator(self) -> None:
         assert self.orchestrator is not None
         self.orchestrator.send_signal(signal.SIGKILL)
@@ -201,15 +209,18 @@ class Devnet:
     def status(self) -> RunStatus:
         return RunStatus.model_validate_json(self.http.get("/v1/status").content)
 
+    def loss_page(self, after: int = 0) -> LossPage:
+        """The loss records after position `after` (at most 10,000), and where the next page starts."""
+        resp = self.http.get("/v1/losses", params={"after": after, "limit": 10_000})
+        return LossPage.model_validate_json(resp.content)
+
     def losses(self) -> list[LossRecord]:
         records: list[LossRecord] = []
-        after = 0
-        while True:
-            page = self.http.get("/v1/losses", params={"after": after, "limit": 10_000}).json()
-            records.extend(LossRecord.model_validate(r) for r in page["records"])
-            if not page["records"]:
-                return records
-            after = page["next_after"]
+        page = self.loss_page()
+        while page.records:
+            records.extend(page.records)
+            page = self.loss_page(page.next_after)
+        return records
 
     def wait_for(
         self, predicate: Callable[[RunStatus], bool], timeout_s: float, poll_s: float = 0.5
@@ -264,17 +275,11 @@ def run_devnet(
 ) -> dict[str, Any]:
     """Run a devnet to its duration or sample count and return the summary."""
     with Devnet(options) as net:
-        net.start_orchestrator()
-        n_stages = net.status().n_stages
-        total = n_stages * options.miners_per_stage + len(options.behaviors)
-        threads = options.torch_threads or default_threads(total)
-        for _ in range(n_stages * options.miners_per_stage):
-            net.add_miner("honest", threads)
-        for behavior in options.behaviors:
-            net.add_miner(behavior, threads)
-        net.wait_for(lambda s: sum(m.state == "active" for m in s.miners) >= total, timeout_s=120)
+        n_stages = options.stages or get_preset(options.preset).n_stages
+        behaviors = ["honest"] * (n_stages * options.miners_per_stage) + options.behaviors
+        threads = options.torch_threads or default_threads(len(behaviors))
+        net.launch(behaviors, threads)
         start = time.monotonic()
-        status = net.status()
         after, recent = 0, []
         try:
             while True:
@@ -284,17 +289,17 @@ def run_devnet(
                     break
                 if options.duration_s and elapsed >= options.duration_s:
                     break
-                page = net.http.get("/v1/losses", params={"after": after}).json()
-                recent = (recent + [r["loss"] for r in page["records"]])[-20:]
-                after = page["next_after"]
+                page = net.loss_page(after)
+                recent = (recent + [r.loss for r in page.records])[-20:]
+                after = page.next_after
                 if on_progress:
                     on_progress(status, statistics.fmean(recent) if recent else None, elapsed)
                 time.sleep(1.0)
         except KeyboardInterrupt:
             pass
         duration = time.monotonic() - start
-        summary = summarize(options, net.status(), net.losses(), duration, total)
-        summary["behaviors"] = {hk: b for hk, b in net.behaviors.items()}
+        summary = summarize(options, net.status(), net.losses(), duration, len(behaviors))
+        summary["behaviors"] = dict(net.behaviors)
         summary["workdir"] = str(net.workdir)
         return summary
 

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from common.codec import CodecError, TensorSpec, content_hash, decode_tensor, encode_tensor
 from common.config import DataSettings
 from common.data import Corpus, batch_tokens, make_corpus
-from common.model import ModelConfig, boundary_shape
+from common.model import ModelConfig, boundary_payload_limit, boundary_shape
 from common.protocol import (
     Ack,
     ArtifactRef,
@@ -108,7 +108,7 @@ class MinerWorker:
         )
         self.reg: RegisterResponse | None = None
         self.trainer: StageTrainer | None = None
-        self.cfg: ModelConfig | None = None
+        self.resync = False  # the orchestrator said our run or session is gone: register before more work
         self.stats = _Stats(since=time.monotonic())
         self.timings = Timings()
         # Presigned URLs need no auth: a plain pool, kept apart from the signed orchestrator client.
@@ -140,9 +140,8 @@ class MinerWorker:
             # old session.
             self.trainer.drop_all()
         else:
-            self.cfg = ModelConfig.from_dict(reg.model)
             self.trainer = StageTrainer(
-                self.cfg,
+                ModelConfig.from_dict(reg.model),
                 reg.stage,
                 reg.training,
                 seed=reg.weights.seed,
@@ -151,12 +150,12 @@ class MinerWorker:
             )
             if reg.weights.checkpoint is not None:
                 raise NotImplementedError("loading checkpoints lands with merging")
-        self.reg = reg
+        self.reg, self.resync = reg, False
         log.info(
             "registered with run %s as stage %d of %d (session %d, %s, behavior %s)",
             reg.run_id,
             reg.stage,
-            self.cfg.n_stages if self.cfg else 0,
+            self._cfg().n_stages,
             reg.session,
             self.device,
             self.settings.behavior,
@@ -170,13 +169,13 @@ class MinerWorker:
         backoff = 1.0
         while not stop.is_set():
             try:
-                if self.reg is None:
+                if self.reg is None or self.resync:
                     self.register()
                 self.step()
                 backoff = 1.0
             except Resync as error:
                 log.info("re-syncing with the orchestrator: %s", error.detail)
-                self._reregister(stop)
+                self.resync = True
             except Unavailable as error:
                 log.warning("orchestrator unreachable, will keep trying: %s", error)
                 stop.wait(backoff)
@@ -199,13 +198,6 @@ class MinerWorker:
         if path:
             with path.open("w") as handle:
                 json.dump({"stage": self.reg.stage if self.reg else None, **self.timings.as_dict()}, handle)
-
-    def _reregister(self, stop: threading.Event) -> None:
-        try:
-            self.register()
-        except (Unavailable, ApiError) as error:
-            log.warning("could not register again yet: %s", error)
-            stop.wait(1.0)
 
     def step(self) -> None:
         """One request for work, and the item if one came."""
@@ -316,8 +308,8 @@ class MinerWorker:
         return TensorSpec(shape=shape, dtype=reg.training.wire_dtype)
 
     def _max_bytes(self) -> int:
-        b, t, w = self._spec().shape
-        return int(b or 0) * int(t or 0) * int(w or 0) * 4 + 64 * 1024
+        data = self._session().data
+        return boundary_payload_limit(self._cfg(), data.batch_size, data.seq_len)
 
     def _download(self, item: WorkItem) -> torch.Tensor:
         source = item.input
@@ -375,8 +367,7 @@ class MinerWorker:
         return self.trainer
 
     def _cfg(self) -> ModelConfig:
-        assert self.cfg is not None
-        return self.cfg
+        return self._trainer().cfg
 
     def _maybe_log_status(self) -> None:
         now = time.monotonic()

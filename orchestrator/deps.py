@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
-from fastapi import Request
+from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 
 from common.auth import VerifiedRequest
@@ -22,6 +22,11 @@ def get_orchestrator(request: Request) -> Orchestrator:
 async def signed(request: Request) -> VerifiedRequest:
     """A request signed (Epistula) by a hotkey registered on the subnet; 401/403/413 otherwise."""
     return await get_orchestrator(request).verify(request)
+
+
+# Route parameters: `req: Signed` for a verified, registered caller; `orch: Orch` for the orchestrator.
+Signed = Annotated[VerifiedRequest, Depends(signed)]
+Orch = Annotated[Orchestrator, Depends(get_orchestrator)]
 
 
 def parse(model: type[M], req: VerifiedRequest) -> M:

@@ -37,6 +37,10 @@ class SchedulerError(Exception):
         self.status, self.code, self.detail = status, code, detail
 
 
+def _ewma(previous: float | None, latest: float) -> float:
+    return latest if previous is None else (1 - _EWMA) * previous + _EWMA * latest
+
+
 def item_id(sample: int, attempt: int, stage: int, kind: str) -> str:
     return f"{sample}.{attempt}.{stage}{kind[0]}"
 
@@ -91,7 +95,8 @@ class Scheduler:
         self.attempts_failed = self.db.count_events("attempt_failed")
         self.items_completed = self.db.count_items("done")
         for miner in self.db.load_miners():
-            miner.last_seen = max(miner.last_seen, now) if miner.active else miner.last_seen
+            if miner.active:
+                miner.last_seen = now
             self.miners[miner.hotkey] = miner
             self.backward_queue[miner.hotkey] = deque()
         for sample in self.db.load_samples(("in_flight", "retry")):
@@ -190,11 +195,8 @@ class Scheduler:
         if current is not None:
             return self.items[current]
         now = self.clock()
-        queue = self.backward_queue[miner.hotkey]
-        while queue:
-            candidate = self.items.get(queue.popleft())
-            if candidate is not None and candidate.status == "queued":
-                return self._assign(candidate, miner, now)
+        if backward := self._pop_queued(self.backward_queue[miner.hotkey]):
+            return self._assign(backward, miner, now)
         tail = miner.stage == self.n_stages - 1
         if not tail and len(miner.holding) >= self.settings.max_outstanding:
             return None
@@ -203,11 +205,16 @@ class Scheduler:
             if sample is None:
                 return None
             return self._assign(self._new_attempt(sample, now), miner, now)
-        queue = self.stage_queue[miner.stage]
+        if forward := self._pop_queued(self.stage_queue[miner.stage]):
+            return self._assign(forward, miner, now)
+        return None
+
+    def _pop_queued(self, queue: deque[str]) -> Item | None:
+        """The first item of `queue` still waiting; entries of failed attempts are skipped and dropped."""
         while queue:
             candidate = self.items.get(queue.popleft())
             if candidate is not None and candidate.status == "queued":
-                return self._assign(candidate, miner, now)
+                return candidate
         return None
 
     def _take_sample(self, now: float) -> Sample | None:
@@ -228,19 +235,7 @@ class Scheduler:
         self.db.save_sample(sample, now)
         attempt = _Attempt(sample.sample, sample.attempts, [], [None] * self.n_stages)
         self.attempts[(sample.sample, sample.attempts)] = attempt
-        head = Item(
-            item_id=item_id(sample.sample, sample.attempts, 0, "forward"),
-            sample=sample.sample,
-            attempt=sample.attempts,
-            stage=0,
-            kind="forward",
-            status="queued",
-            created_at=now,
-            deadline=now + self.settings.item_timeout_s,
-        )
-        self.items[head.item_id] = head
-        attempt.items.append(head.item_id)
-        return head
+        return self._new_item(attempt, 0, "forward", None, None, now)  # assigned at once, never queued
 
     def _assign(self, it: Item, miner: Miner, now: float) -> Item:
         with self.db.transaction():
@@ -350,15 +345,11 @@ class Scheduler:
     def _measure(self, miner: Miner, it: Item, now: float) -> None:
         took = now - (it.assigned_at or now)
         if it.kind == "forward":
-            miner.forward_s = (
-                took if miner.forward_s is None else (1 - _EWMA) * miner.forward_s + _EWMA * took
-            )
+            miner.forward_s = _ewma(miner.forward_s, took)
         else:
-            miner.backward_s = (
-                took if miner.backward_s is None else (1 - _EWMA) * miner.backward_s + _EWMA * took
-            )
+            miner.backward_s = _ewma(miner.backward_s, took)
 
-    def _queue(
+    def _new_item(
         self,
         attempt: _Attempt,
         stage: int,
@@ -367,6 +358,7 @@ class Scheduler:
         miner: str | None,
         now: float,
     ) -> Item:
+        """A new queued item of `attempt`, indexed in memory (the caller persists or assigns it)."""
         new = Item(
             item_id=item_id(attempt.sample, attempt.attempt, stage, kind),
             sample=attempt.sample,
@@ -384,6 +376,19 @@ class Scheduler:
         )
         self.items[new.item_id] = new
         attempt.items.append(new.item_id)
+        return new
+
+    def _queue(
+        self,
+        attempt: _Attempt,
+        stage: int,
+        kind: str,
+        input: ArtifactRef | None,
+        miner: str | None,
+        now: float,
+    ) -> Item:
+        """A new item waiting for a miner: of its stage (forward) or the forward's own (backward)."""
+        new = self._new_item(attempt, stage, kind, input, miner, now)
         self.db.save_item(new)
         if kind == "forward":
             self.stage_queue[stage].append(new.item_id)

@@ -15,7 +15,7 @@ from common.chain import Chain
 from common.codec import content_hash
 from common.config import AuthSettings, DataSettings, ModelSettings
 from common.data import Corpus, SampleId, SampleSchedule
-from common.model import ModelConfig, get_preset
+from common.model import ModelConfig, boundary_payload_limit, get_preset
 from common.model.config import split_blocks
 from common.protocol import (
     ArtifactRef,
@@ -32,9 +32,6 @@ from orchestrator.scheduler import Scheduler, SchedulerError
 from orchestrator.settings import OrchestratorSettings
 
 log = logging.getLogger("iota.orchestrator")
-
-# Boundary tensors are B x T x b values; allow the codec's header and safetensors' JSON header on top.
-_PAYLOAD_OVERHEAD_BYTES = 64 * 1024
 
 
 class RunMismatch(RuntimeError):
@@ -198,12 +195,10 @@ class Orchestrator:
         self.registry = HotkeyRegistry(chain, metagraph_refresh_s)
         self.verifier = EpistulaVerifier(auth, clock=clock, admit=self.registry.admit)
         self.verify = signed_request_dependency(self.verifier)
-        b, t = spec.data.batch_size, spec.data.seq_len
-        self.max_payload_bytes = b * t * spec.model.bottleneck_dim * 4 + _PAYLOAD_OVERHEAD_BYTES
+        self.max_payload_bytes = boundary_payload_limit(spec.model, spec.data.batch_size, spec.data.seq_len)
 
     def sample_ids(self, sample: int) -> list[SampleId]:
-        b = self.spec.data.batch_size
-        return [self.schedule.sample(sample * b + j) for j in range(b)]
+        return self.schedule.batch(sample, self.spec.data.batch_size)
 
     def global_weights(self, stage: int) -> GlobalWeights:
         # Until merging lands, the global weights are the seeded initialisation every replica rebuilds.
@@ -243,7 +238,7 @@ class Orchestrator:
     def check_upload(self, ref: ArtifactRef) -> str | None:
         """Why the object behind `ref` is not what its producer announced, or None if it is.
 
-        Blocking (HEAD and GET against the bucket): run it in a thread.
+        Blocking (a GET against the bucket): run it in a thread.
         """
         if ref.size > self.max_payload_bytes:
             return f"{ref.size} bytes is more than a boundary tensor can take ({self.max_payload_bytes})"

@@ -25,10 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 def start(options: DevnetOptions, miners: int) -> Devnet:
     net = Devnet(options).__enter__()
     try:
-        net.start_orchestrator()
-        for _ in range(miners):
-            net.add_miner("honest", threads=1)
-        net.wait_for(lambda s: sum(m.state == "active" for m in s.miners) == miners, timeout_s=90)
+        net.launch(["honest"] * miners, threads=1, timeout_s=90)
     except BaseException:
         net.stop()
         raise
@@ -96,7 +93,7 @@ def test_pipeline_over_the_network_equals_single_process_training(tmp_path: Path
             for stage in model.stages
         ]
         for n in range(k):
-            tokens = batch_tokens(corpus, [schedule.sample(n * b + j) for j in range(b)], t)
+            tokens = batch_tokens(corpus, schedule.batch(n, b), t)
             next_token_loss(model(tokens), tokens).backward()
             for stage, optimizer in zip(model.stages, optimizers, strict=True):
                 torch.nn.utils.clip_grad_norm_(stage.parameters(), defaults.grad_clip)

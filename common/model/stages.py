@@ -140,3 +140,14 @@ def stage_sizes(cfg: ModelConfig) -> list[StageSize]:
 def boundary_shape(cfg: ModelConfig, batch: int, seq: int) -> tuple[int, int, int]:
     """The shape of the tensor that crosses every stage boundary, both ways (activation and gradient)."""
     return (batch, seq, cfg.bottleneck_dim)
+
+
+# Room for the codec's header and safetensors' JSON header on top of the values.
+_WIRE_HEADER_BYTES = 64 * 1024
+
+
+def boundary_payload_limit(cfg: ModelConfig, batch: int, seq: int) -> int:
+    """The most bytes a boundary tensor may take on the wire: fp32 values (the widest wire dtype) plus
+    headers. The orchestrator refuses larger uploads and miners larger downloads."""
+    b, t, w = boundary_shape(cfg, batch, seq)
+    return b * t * w * 4 + _WIRE_HEADER_BYTES

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
-from common.auth import VerifiedRequest
 from common.protocol import RegisterRequest, RegisterResponse
-from orchestrator.deps import get_orchestrator, parse, signed
+from orchestrator.deps import Orch, Signed, parse
 from orchestrator.scheduler import SchedulerError
-from orchestrator.service import Orchestrator
 
 router = APIRouter(prefix="/v1/miners", tags=["miners"])
-_signed = Depends(signed)
-_orchestrator = Depends(get_orchestrator)
 
 
 @router.post("/register", response_model=RegisterResponse)
-async def register(req: VerifiedRequest = _signed, orch: Orchestrator = _orchestrator) -> RegisterResponse:
+async def register(req: Signed, orch: Orch) -> RegisterResponse:
     """Join the run: get a stage, a session, the model, the data and the global weights to load."""
     body = parse(RegisterRequest, req)
     if body.corpus_fingerprint != orch.spec.data.fingerprint:

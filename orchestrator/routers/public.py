@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query
 
 from common.protocol import PROTOCOL_VERSION, LossPage, LossRecord, MinerStatus, RunStatus, StageStatus
 from orchestrator.assignment import stage_capacity
-from orchestrator.deps import get_orchestrator
-from orchestrator.service import Orchestrator
+from orchestrator.deps import Orch
 
 router = APIRouter(tags=["public"])
-_orchestrator = Depends(get_orchestrator)
 
 
 @router.get("/health")
-async def health(orch: Orchestrator = _orchestrator) -> dict[str, str]:
+async def health(orch: Orch) -> dict[str, str]:
     return {"status": "ok", "run_id": orch.run_id}
 
 
 @router.get("/v1/status", response_model=RunStatus)
-async def status(orch: Orchestrator = _orchestrator) -> RunStatus:
+async def status(orch: Orch) -> RunStatus:
     sched, spec = orch.scheduler, orch.spec
     active = [m for m in sched.miners.values() if m.active]
     capacity = stage_capacity(sched.loads(), spec.model.n_stages)
@@ -57,7 +55,7 @@ async def status(orch: Orchestrator = _orchestrator) -> RunStatus:
 
 @router.get("/v1/losses", response_model=LossPage)
 async def losses(
-    after: int = Query(0, ge=0), limit: int = Query(1000, ge=1, le=10_000), orch: Orchestrator = _orchestrator
+    orch: Orch, after: int = Query(0, ge=0), limit: int = Query(1000, ge=1, le=10_000)
 ) -> LossPage:
     """The tail's losses in order, each with its pathway (the miner at every stage)."""
     rows = orch.db.losses_after(after, limit)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
-from common.auth import VerifiedRequest
 from common.protocol import (
     Ack,
     CompleteRequest,
@@ -18,17 +17,14 @@ from common.protocol import (
     WorkResponse,
 )
 from common.storage import StorageError
-from orchestrator.deps import get_orchestrator, parse, signed
+from orchestrator.deps import Orch, Signed, parse
 from orchestrator.scheduler import SchedulerError
-from orchestrator.service import Orchestrator
 
 router = APIRouter(prefix="/v1/work", tags=["work"])
-_signed = Depends(signed)
-_orchestrator = Depends(get_orchestrator)
 
 
 @router.post("/next", response_model=WorkResponse)
-async def next_work(req: VerifiedRequest = _signed, orch: Orchestrator = _orchestrator) -> WorkResponse:
+async def next_work(req: Signed, orch: Orch) -> WorkResponse:
     """The caller's next item, waiting up to `wait_s` for one; also lists forward state to drop."""
     body = parse(WorkRequest, req)
     loop = asyncio.get_running_loop()
@@ -55,7 +51,7 @@ async def next_work(req: VerifiedRequest = _signed, orch: Orchestrator = _orches
 
 
 @router.post("/complete", response_model=CompleteResponse)
-async def complete(req: VerifiedRequest = _signed, orch: Orchestrator = _orchestrator) -> CompleteResponse:
+async def complete(req: Signed, orch: Orch) -> CompleteResponse:
     """Report an item done. The output object must exist with exactly the reported size and sha256."""
     body = parse(CompleteRequest, req)
     miner = orch.scheduler.session_miner(req.hotkey, body.run_id, body.session)
@@ -73,7 +69,7 @@ async def complete(req: VerifiedRequest = _signed, orch: Orchestrator = _orchest
 
 
 @router.post("/fail", response_model=Ack)
-async def fail(req: VerifiedRequest = _signed, orch: Orchestrator = _orchestrator) -> Ack:
+async def fail(req: Signed, orch: Orch) -> Ack:
     """Give up on the caller's current item; with `blame_input`, its input was bad."""
     body = parse(FailRequest, req)
     miner = orch.scheduler.session_miner(req.hotkey, body.run_id, body.session)
@@ -82,7 +78,7 @@ async def fail(req: VerifiedRequest = _signed, orch: Orchestrator = _orchestrato
 
 
 @router.post("/presign", response_model=UploadTarget)
-async def presign(req: VerifiedRequest = _signed, orch: Orchestrator = _orchestrator) -> UploadTarget:
+async def presign(req: Signed, orch: Orch) -> UploadTarget:
     """A fresh upload URL for the output of the caller's current item (and for no other key)."""
     body = parse(PresignRequest, req)
     miner = orch.scheduler.session_miner(req.hotkey, body.run_id, body.session)
