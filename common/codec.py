@@ -29,7 +29,8 @@ from safetensors import SafetensorError, deserialize
 from safetensors.torch import save
 
 MAGIC = b"IOTC"
-VERSION = 1
+VERSION = 2
+METADATA_KEY = "iota"
 FLAG_LZ4 = 0b01
 FLAG_INT8 = 0b10
 _HEADER = struct.Struct("<4sBB")
@@ -83,9 +84,7 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def encode_tensors(
-    tensors: dict[str, torch.Tensor], *, int8: bool = False, compress: bool = False
-) -> bytes:
+def encode_tensors(tensors: dict[str, torch.Tensor], *, int8: bool = False, compress: bool = False) -> bytes:
     """Serialise named tensors to the wire format (CPU, contiguous, safetensors, optional int8/lz4)."""
     stored: dict[str, torch.Tensor] = {}
     original_dtypes: dict[str, str] = {}
@@ -105,10 +104,12 @@ def encode_tensors(
             original_dtypes[name] = _NAME_OF_TORCH[t.dtype]
         else:
             stored[name] = t
-    metadata = {"iota.codec": str(VERSION), "iota.int8": str(int(int8))}
+    # One metadata entry: safetensors writes its metadata map in an order that varies between processes,
+    # and the same tensors must always give the same bytes (reducers compare results by hash).
+    meta: dict[str, object] = {"codec": VERSION, "int8": int(int8)}
     if original_dtypes:
-        metadata["iota.dtypes"] = json.dumps(original_dtypes, sort_keys=True)
-    payload = save(stored, metadata=metadata)
+        meta["dtypes"] = original_dtypes
+    payload = save(stored, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
     flags = (FLAG_LZ4 if compress else 0) | (FLAG_INT8 if int8 else 0)
     if compress:
         payload = lz4.frame.compress(payload)
@@ -213,11 +214,12 @@ def _check_metadata(payload: bytes, int8: bool) -> dict[str, str]:
         metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
         if not isinstance(metadata, dict):
             raise ValueError("header is not a JSON object with an object __metadata__")
-        if metadata.get("iota.codec") != str(VERSION) or metadata.get("iota.int8") != str(int(int8)):
+        meta = json.loads(metadata.get(METADATA_KEY, "null")) if set(metadata) == {METADATA_KEY} else None
+        if not isinstance(meta, dict) or meta.get("codec") != VERSION or meta.get("int8") != int(int8):
             raise ValueError(f"codec metadata {metadata} disagrees with the wire header")
-        dtypes = json.loads(metadata.get("iota.dtypes", "{}"))
+        dtypes = meta.get("dtypes", {})
         if not isinstance(dtypes, dict) or not all(isinstance(v, str) for v in dtypes.values()):
-            raise ValueError("iota.dtypes is not a JSON object of strings")
+            raise ValueError("the metadata's dtypes are not a JSON object of strings")
     except (struct.error, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CodecError(f"malformed safetensors payload: {e}") from e
     return dtypes

@@ -21,6 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
+from common.codec import TensorSpec, decode_tensor, decode_tensors, encode_tensor, encode_tensors
+
+_HEADER_ROOM = 64 * 1024  # the codec's and safetensors' headers on top of the values
+
 
 @dataclass(frozen=True)
 class Partition:
@@ -105,11 +109,13 @@ def robust_weighted_mean(
         raise ValueError("participants' slices differ in shape")
     if not all(bool(torch.isfinite(t).all()) for t in tensors):
         raise ValueError("a participant's slice has NaN or Inf")
-    norms = torch.stack([t.norm() for t in tensors])
-    limit = clip_factor * norms.median()
+    # Norms are reductions, whose last bits depend on thread count and memory alignment; in float64 those
+    # differences stay far below fp32 resolution, so reducers on different machines still agree bit for bit.
+    norms = [float(torch.linalg.vector_norm(t, dtype=torch.float64)) for t in tensors]
+    limit = clip_factor * sorted(norms)[(len(norms) - 1) // 2]  # the lower median
     total = torch.zeros(shape, dtype=torch.float32)
     for t, norm, w in zip(tensors, norms, weights, strict=True):
-        scale = min(1.0, float(limit / norm)) if norm > 0 else 1.0
+        scale = min(1.0, limit / norm) if norm > 0 else 1.0
         total += t * (scale * w)
     return total / sum(weights)
 
@@ -126,3 +132,42 @@ def nesterov_step(
         raise ValueError("weights and pseudo-gradient differ in shape")
     buf = pseudo_grad.clone() if momentum is None else momentum * mu + pseudo_grad
     return start - lr * (pseudo_grad + mu * buf), buf
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Wire forms: partitions and checkpoints travel in the codec's format (bounded, checked, never unpickled).
+
+
+def weights_digest(flat: torch.Tensor) -> str:
+    """SHA-256 of a flattened fp32 weight vector: replicas that hold the same bits report the same digest."""
+    return hashlib.sha256(flat.to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
+def slice_limit(numel: int) -> int:
+    """The most bytes an encoded slice of `numel` fp32 values may take."""
+    return numel * 4 + _HEADER_ROOM
+
+
+def encode_slice(values: torch.Tensor) -> bytes:
+    return encode_tensor(values.detach().to("cpu", torch.float32).contiguous())
+
+
+def decode_slice(data: bytes, numel: int) -> torch.Tensor:
+    """A 1-D fp32 slice of exactly `numel` finite values; raises CodecError otherwise."""
+    return decode_tensor(
+        data, TensorSpec(shape=(numel,), dtype="float32"), max_bytes=slice_limit(numel), max_abs=None
+    )
+
+
+def state_limit(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    return sum(math.prod(s) for s in shapes.values()) * 4 + _HEADER_ROOM + 256 * len(shapes)
+
+
+def encode_state(state: Mapping[str, torch.Tensor]) -> bytes:
+    return encode_tensors({n: t.detach().to("cpu", torch.float32).contiguous() for n, t in state.items()})
+
+
+def decode_state(data: bytes, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """A stage state dict of exactly these names and shapes, fp32 and finite, or CodecError."""
+    spec = {n: TensorSpec(shape=tuple(s), dtype="float32") for n, s in shapes.items()}
+    return decode_tensors(data, spec, max_bytes=state_limit(shapes), max_abs=None)

@@ -88,6 +88,7 @@ class DataSpec(_Message):
 
     source: Literal["local", "hf"]
     fingerprint: str
+    tokenizer: str = Field(description="`byte`, or the Hugging Face tokenizer's name or path.")
     batch_size: int = Field(ge=1)
     seq_len: int = Field(ge=2)
 
@@ -104,14 +105,24 @@ class TrainingSpec(_Message):
     wire_dtype: Literal["float32", "bfloat16"]
     wire_int8: bool
     wire_compress: bool
+    outer_lr: float = Field(gt=0, description="Learning rate of the outer Nesterov step at each merge.")
+    outer_momentum: float = Field(ge=0, lt=1, description="Momentum of the outer Nesterov step.")
+
+
+class Checkpoint(_Message):
+    """A stage's global weights after a merge, written by the orchestrator: the stage's state dict and the
+    outer optimiser's momentum (same names), each fp32 in the wire format of `common.codec`."""
+
+    weights: DownloadSource
+    momentum: DownloadSource
 
 
 class GlobalWeights(_Message):
-    """Where a stage's current global weights come from: the seeded init, or a stored checkpoint."""
+    """A stage's current global weights: the seeded init (version 0) or the checkpoint of merge `version`."""
 
     version: int = Field(ge=0)
     seed: int
-    checkpoint: DownloadSource | None = None
+    checkpoint: Checkpoint | None = None
 
 
 class RegisterRequest(_Message):
@@ -182,6 +193,10 @@ class WorkResponse(_Message):
     move_to_stage: int | None = Field(
         None, description="Set when the orchestrator moves this miner; it must register again."
     )
+    merge: MergeTask | None = Field(None, description="A step of the current merge for this miner to do.")
+    reload: GlobalWeights | None = Field(
+        None, description="Load these global weights before more work (a merge finished without you)."
+    )
 
 
 class CompleteRequest(SessionRequest):
@@ -214,12 +229,153 @@ class Ack(_Message):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Merging (see common.merge for the arithmetic and orchestrator.merging for the state machine)
+
+MergePhase = Literal["upload", "reduce", "apply", "abort"]
+
+
+class PartitionSpan(_Message):
+    """Values [start, end) of the stage's flattened weights (parameters in name order)."""
+
+    index: int = Field(ge=0)
+    start: int = Field(ge=0)
+    end: int = Field(ge=0)
+
+
+class ReduceSource(_Message):
+    """One participant's slice of a partition, and the weight its validated work earns it."""
+
+    hotkey: str
+    work: float
+    source: DownloadSource
+
+
+class ReduceJob(_Message):
+    """Reduce one partition: the clipped, work-weighted mean of every participant's slice (yours is listed
+    too; skip downloading it if you still hold it)."""
+
+    partition: int
+    sources: list[ReduceSource]
+    output: UploadTarget
+
+
+class MergedPartition(_Message):
+    """The agreed mean of one partition (`source`), or None where you reduced it and your result agreed."""
+
+    partition: int
+    sha256: str
+    source: DownloadSource | None = None
+
+
+class MergeTask(_Message):
+    """One phase of a stage's merge, for one miner.
+
+    - upload: upload your pseudo-gradient (start-of-epoch weights minus current), one object per partition.
+    - reduce: run the `reduce` jobs and upload each result.
+    - apply: download the merged partitions, take the outer Nesterov step from the start-of-epoch weights
+      to version `version + 1`, and report the digest of the new weights.
+    - abort: the merge could not complete; restore the start-of-epoch weights (version `version`).
+    """
+
+    epoch: int
+    stage: int
+    phase: MergePhase
+    version: int = Field(description="The global version the merge starts from.")
+    partitions: list[PartitionSpan]
+    clip_factor: float
+    uploads: list[UploadTarget] = Field(default_factory=list)
+    reduce: list[ReduceJob] = Field(default_factory=list)
+    merged: list[MergedPartition] = Field(default_factory=list)
+    deadline_in_s: float
+
+
+class UploadReport(_Message):
+    phase: Literal["upload"] = "upload"
+    steps: int = Field(ge=0, le=10**9, description="Optimizer steps taken since the start-of-epoch weights.")
+    parts: list[ArtifactRef] = Field(max_length=4096)
+
+
+class ReducedPartition(_Message):
+    partition: int = Field(ge=0)
+    output: ArtifactRef
+
+
+class ReduceReport(_Message):
+    phase: Literal["reduce"] = "reduce"
+    results: list[ReducedPartition] = Field(default_factory=list, max_length=4096)
+    bad_sources: list[str] = Field(
+        default_factory=list, max_length=4096, description="Participants whose slice was not as announced."
+    )
+
+
+class ApplyReport(_Message):
+    phase: Literal["apply"] = "apply"
+    version: int = Field(ge=1)
+    weights_sha256: Sha256Hex = Field(description="`common.merge.weights_digest` of the new weights.")
+
+
+class MergeReportRequest(SessionRequest):
+    epoch: int = Field(ge=0)
+    stage: int = Field(ge=0)
+    report: Annotated[UploadReport | ReduceReport | ApplyReport, Field(discriminator="phase")]
+
+
+class MergeFlag(_Message):
+    hotkey: str
+    reason: str
+
+
+class MergeRecord(_Message):
+    """What one stage's merge did; public, so that anyone can audit who contributed and who was caught."""
+
+    epoch: int
+    stage: int
+    outcome: Literal["merged", "rolled_back"]
+    version: int = Field(description="The stage's global version after the merge.")
+    participants: dict[str, float] = Field(description="Hotkey to the work weight its pseudo-gradient had.")
+    excluded: dict[str, str] = Field(description="Hotkey to why it was left out (dead, late, bad upload).")
+    flagged: list[MergeFlag]
+    partitions: int
+    settled: int = Field(description="Partitions the orchestrator recomputed (disagreement or no reducer).")
+    weights_sha256: str | None
+    started_at: float
+    finished_at: float
+
+
+class StageCheckpoint(_Message):
+    stage: int
+    version: int
+    weights: ArtifactRef
+    momentum: ArtifactRef
+
+
+class CheckpointManifest(_Message):
+    """`runs/<run>/checkpoints/manifest.json`, rewritten by the orchestrator after every epoch's merges:
+    everything `iota export` needs to assemble the model from the bucket alone."""
+
+    run_id: str
+    epoch: int = Field(description="Epochs completed when it was written.")
+    model: dict[str, Any] = Field(description="`ModelConfig.to_dict()` of the run's model.")
+    seed: int
+    data: DataSpec
+    stages: list[StageCheckpoint | None] = Field(
+        description="Each stage's latest checkpoint; None for a stage never merged (its seeded init)."
+    )
+
+
+def manifest_key(run_id: str) -> str:
+    return f"runs/{run_id}/checkpoints/manifest.json"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Public, read-only status
 
 
 class StageStatus(_Message):
     stage: int
     miners: int
+    version: int = Field(description="Global weights version (merges completed) of the stage.")
+    merge_phase: str | None = Field(description="The phase of the stage's merge in progress, if any.")
     samples_per_s: float = Field(description="Estimated capacity of the stage's live miners.")
 
 
@@ -246,6 +402,10 @@ class RunStatus(_Message):
     samples_dropped: int
     attempts_failed: int
     items_completed: int
+    epoch: int
+    epoch_phase: Literal["training", "draining", "merging"]
+    merges_completed: int
+    merges_rolled_back: int
     stages: list[StageStatus]
     miners: list[MinerStatus]
 
@@ -269,3 +429,6 @@ class ErrorBody(_Message):
 
     code: str
     detail: str
+
+
+WorkResponse.model_rebuild()

@@ -164,6 +164,7 @@ def run_devnet_command(
     samples: int = typer.Option(None, "--samples", help="Stop after this many samples instead."),
     batch_size: int = typer.Option(8, help="Sequences per sample."),
     seq_len: int = typer.Option(256, help="Tokens per sequence."),
+    merge_every: int = typer.Option(64, help="Merge the replicas of each stage every N samples (0: never)."),
     summary: Path = typer.Option(_DEFAULT_SUMMARY, "--summary", help="Where to write the JSON."),
     workdir: Path = typer.Option(None, help="Keep state and logs here (default: a new temp folder)."),
 ) -> None:
@@ -178,6 +179,7 @@ def run_devnet_command(
         miners_per_stage=miners_per_stage,
         batch_size=batch_size,
         seq_len=seq_len,
+        merge_every=merge_every,
         duration_s=None if samples and duration is None else (duration or 120.0),
         samples=samples,
         workdir=workdir,
@@ -194,14 +196,16 @@ def run_devnet_command(
             loss_text = f"{loss:.3f}" if loss is not None else "-"
             live.update(
                 f"[{elapsed:5.0f} s] samples {status.samples_completed} done, {status.samples_in_flight} in "
-                f"flight, {status.samples_dropped} dropped | {rate:,.0f} tokens/s | loss {loss_text}"
+                f"flight, {status.samples_dropped} dropped | {rate:,.0f} tokens/s | loss {loss_text} | epoch "
+                f"{status.epoch} ({status.epoch_phase}), {status.merges_completed} stage merges"
             )
 
         result = run_devnet(options, progress)
     write_summary(result, summary)
     console.print(
         f"done: {result['samples_completed']} samples, {result['tokens_per_s']:,.0f} tokens/s, loss "
-        f"{result['loss_first']} -> {result['loss_last']}, {result['dropped_samples']} dropped. "
+        f"{result['loss_first']} -> {result['loss_last']}, {result['dropped_samples']} dropped, "
+        f"{result['merges_completed']} stage merges. "
         f"Summary: {summary}  Logs: {result['workdir']}/logs"
     )
 

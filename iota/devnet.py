@@ -48,6 +48,7 @@ class DevnetOptions:
     behaviors: list[str] = field(default_factory=list)  # extra misbehaving miners
     extra_env: dict[str, str] = field(default_factory=dict)
     snapshots: bool = False  # miners save their stage's weights to logs/<name>.safetensors on exit
+    merge_every: int = 64  # samples per epoch; 0: never merge
 
 
 def _free_port() -> int:
@@ -122,6 +123,10 @@ class Devnet:
             IOTA_ORCH_MINER_TIMEOUT_S="10",
             IOTA_ORCH_POLL_WAIT_S="2",
             IOTA_ORCH_GARBAGE_DELAY_S="2",
+            IOTA_ORCH_MERGE_EVERY_SAMPLES=str(o.merge_every),
+            IOTA_ORCH_EPOCH_MAX_S="0",
+            IOTA_ORCH_DRAIN_TIMEOUT_S="20",
+            IOTA_ORCH_MERGE_PHASE_TIMEOUT_S="20",
             IOTA_MINER_ORCHESTRATOR_URL=self.url,
             IOTA_MINER_POLL_WAIT_S="2",
             IOTA_MINER_DEVICE="cpu",
@@ -258,7 +263,9 @@ def summarize(
         "loss_first": round(statistics.fmean(values[:tenth]), 4) if values else None,
         "loss_last": round(statistics.fmean(values[-tenth:]), 4) if values else None,
         "losses_recorded": len(values),
-        "merges_completed": 0,
+        "merges_completed": status.merges_completed,
+        "merges_rolled_back": status.merges_rolled_back,
+        "epochs": status.epoch,
         "dropped_samples": status.samples_dropped,
         "attempts_failed": status.attempts_failed,
         "duration_s": round(duration_s, 2),

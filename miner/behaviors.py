@@ -13,6 +13,8 @@ separate attack.
 - `copy-input`: body stages send their input as their output (the boundary shapes match); the head, whose
   input is tokens, sends zeros; the tail, which has no output to fake, sends a zero input gradient.
   Backward at the head and body is honest.
+- `wrong-reduce`: trains honestly, but as a reducer in a merge uploads a wrong mean (scaled and shifted),
+  the cheap lie of a reducer that skips the work or wants to steer the model.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Literal, get_args
 
 import torch
 
-Behavior = Literal["honest", "random-output", "zero-grad", "scaled-output", "copy-input"]
+Behavior = Literal["honest", "random-output", "zero-grad", "scaled-output", "copy-input", "wrong-reduce"]
 BEHAVIORS: tuple[Behavior, ...] = get_args(Behavior)
 SCALE = 4.0
 
@@ -61,3 +63,9 @@ class BehaviorPolicy:
         if self.behavior == "zero-grad" or (tail and self.behavior == "copy-input"):
             return torch.zeros_like(grad)
         return grad
+
+    def reduced(self, values: torch.Tensor) -> torch.Tensor:
+        """What to upload instead of `values`, the honest mean of a partition this miner reduced."""
+        if self.behavior == "wrong-reduce":
+            return values * 1.5 + 1e-3
+        return values

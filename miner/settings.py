@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings
 
 from common.config import _config
-
-BehaviorName = Literal["honest", "random-output", "zero-grad", "scaled-output", "copy-input"]
+from miner.behaviors import Behavior
 
 
 class MinerSettings(BaseSettings):
@@ -30,6 +28,6 @@ class MinerSettings(BaseSettings):
     snapshot_file: Path | None = Field(
         None, description="Write this stage's current weights (safetensors) to this file when stopping."
     )
-    behavior: BehaviorName = Field(
+    behavior: Behavior = Field(
         "honest", description="Deliberate misbehaviour, for tests and the devnet only. Keep `honest`."
     )

@@ -172,6 +172,17 @@ class StageTrainer:
         """Detached fp32 CPU copies of the stage's state dict."""
         return {name: _to_cpu(t) for name, t in self.module.state_dict().items()}
 
+    def assign_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Set the weights in place and keep the AdamW state: after a merge the inner optimiser carries on
+        (as in DiLoCo). Exactly the stage's names and shapes; drops outstanding work."""
+        params = dict(self.module.named_parameters())
+        if set(weights) != set(params) or any(weights[n].shape != p.shape for n, p in params.items()):
+            raise TrainerError(f"weights do not fit stage {self.stage}")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(weights[name])
+        self.drop_all()
+
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Replace the weights (exactly the stage's keys and shapes); resets AdamW, drops outstanding work."""
         try:

@@ -26,18 +26,25 @@ from common.data import Corpus, batch_tokens, make_corpus
 from common.model import ModelConfig, boundary_payload_limit, boundary_shape
 from common.protocol import (
     Ack,
+    ApplyReport,
     ArtifactRef,
     CompleteRequest,
     CompleteResponse,
     FailRequest,
+    GlobalWeights,
+    MergeReportRequest,
+    MergeTask,
+    ReduceReport,
     RegisterRequest,
     RegisterResponse,
+    UploadReport,
     WorkItem,
     WorkRequest,
     WorkResponse,
 )
 from common.storage import StorageError, download_from_url, upload_to_url
 from miner.client import ApiError, OrchestratorClient, Resync, Unavailable
+from miner.merging import MergeFailed, MergeParticipant, Traffic
 from miner.settings import MinerSettings
 from miner.trainer import StageTrainer, TrainerError
 
@@ -108,6 +115,8 @@ class MinerWorker:
         )
         self.reg: RegisterResponse | None = None
         self.trainer: StageTrainer | None = None
+        self.merger: MergeParticipant | None = None
+        self.traffic = Traffic()
         self.resync = False  # the orchestrator said our run or session is gone: register before more work
         self.stats = _Stats(since=time.monotonic())
         self.timings = Timings()
@@ -132,12 +141,13 @@ class MinerWorker:
             and self.trainer is not None
             and reg.run_id == self.reg.run_id
             and reg.stage == self.reg.stage
-            and reg.weights.version == self.reg.weights.version
+            and self.merger is not None
+            and reg.weights.version == self.merger.version
         )
         if same_place:
             assert self.trainer is not None
-            # Same run and stage: keep the weights trained so far; only the saved forwards died with the
-            # old session.
+            # Same run, stage and global version: keep the weights trained so far; only the saved forwards
+            # died with the old session.
             self.trainer.drop_all()
         else:
             self.trainer = StageTrainer(
@@ -148,8 +158,16 @@ class MinerWorker:
                 device=self.device,
                 behavior=self.settings.behavior,
             )
-            if reg.weights.checkpoint is not None:
-                raise NotImplementedError("loading checkpoints lands with merging")
+            self.merger = MergeParticipant(
+                self.trainer,
+                reg.training,
+                hotkey=self.keypair.ss58_address,
+                http=self._s3,
+                policy=self.trainer.policy,
+                traffic=self.traffic,
+            )
+            with self.timings.measure("checkpoint"):
+                self.merger.load(reg.weights)
         self.reg, self.resync = reg, False
         log.info(
             "registered with run %s as stage %d of %d (session %d, %s, behavior %s)",
@@ -184,6 +202,11 @@ class MinerWorker:
                 log.error("the orchestrator refused a request: %s", error)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
+            except (MergeFailed, StorageError, CodecError) as error:
+                log.error("could not load the stage's global weights, will register again: %s", error)
+                self.merger, self.resync = None, True
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
             self._maybe_log_status()
         self._write_timings()
         if self.settings.snapshot_file and self.trainer is not None:
@@ -216,8 +239,58 @@ class MinerWorker:
             log.info("the orchestrator moves this miner to stage %d", resp.move_to_stage)
             self.register()
             return
+        if resp.reload is not None:
+            self._reload(resp.reload)
+        if resp.merge is not None:
+            self.merge(resp.merge)
         if resp.item is not None:
             self.process(resp.item)
+
+    # -- merging ------------------------------------------------------------------------------------------
+
+    def merge(self, task: MergeTask) -> None:
+        """Do this miner's part of a merge phase and report it."""
+        merger, reg = self._merger(), self._session()
+        report: UploadReport | ReduceReport | ApplyReport
+        try:
+            with self.timings.measure(f"merge_{task.phase}"):
+                if task.phase == "upload":
+                    report = merger.upload(task)
+                elif task.phase == "reduce":
+                    report = merger.reduce(task)
+                elif task.phase == "apply":
+                    report = merger.apply(task)
+                else:
+                    return
+        except (MergeFailed, StorageError, TrainerError) as error:
+            # Left out of this merge; the orchestrator has this miner reload the checkpoint afterwards.
+            log.warning("could not do the %s phase of the merge: %s", task.phase, error)
+            return
+        try:
+            self.client.post(
+                "/v1/merge/report",
+                MergeReportRequest(
+                    run_id=reg.run_id, session=reg.session, epoch=task.epoch, stage=task.stage, report=report
+                ),
+                Ack,
+            )
+        except Resync:
+            raise
+        except ApiError as error:
+            log.warning("the %s report of the merge was refused: %s", task.phase, error)
+            return
+        if task.phase == "apply":
+            log.info("merged: stage %d now at version %d", task.stage, merger.version)
+
+    def _reload(self, weights: GlobalWeights) -> None:
+        try:
+            with self.timings.measure("checkpoint"):
+                self._merger().load(weights)
+        except (MergeFailed, StorageError, CodecError, TrainerError) as error:
+            log.warning(
+                "could not load version %d of the weights (%s); registering again", weights.version, error
+            )
+            self.resync = True
 
     def process(self, item: WorkItem) -> None:
         reg = self._session()
@@ -365,6 +438,11 @@ class MinerWorker:
         if self.trainer is None:
             raise Resync(409, "not_registered", "not registered yet")
         return self.trainer
+
+    def _merger(self) -> MergeParticipant:
+        if self.merger is None:
+            raise Resync(409, "not_registered", "not registered yet")
+        return self.merger
 
     def _cfg(self) -> ModelConfig:
         return self._trainer().cfg

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from common.protocol import HEADER_PROTOCOL, HEADER_RUN, PROTOCOL_VERSION, ErrorBody
-from orchestrator.routers import miners, public, work
+from orchestrator.routers import merge, miners, public, work
 from orchestrator.scheduler import SchedulerError
 from orchestrator.service import Orchestrator
 
@@ -40,6 +40,7 @@ def create_app(orchestrator: Orchestrator) -> FastAPI:
         tasks = [
             asyncio.create_task(orchestrator.reap_loop()),
             asyncio.create_task(orchestrator.garbage_loop()),
+            asyncio.create_task(orchestrator.merge_loop()),
             asyncio.create_task(orchestrator.registry.run()),
         ]
         try:
@@ -59,6 +60,7 @@ def create_app(orchestrator: Orchestrator) -> FastAPI:
     app.include_router(public.router)
     app.include_router(miners.router)
     app.include_router(work.router)
+    app.include_router(merge.router)
 
     @app.middleware("http")
     async def protocol_version(

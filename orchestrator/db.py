@@ -18,14 +18,15 @@ from typing import Any
 
 from common.protocol import ArtifactRef
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS miners (
     hotkey TEXT PRIMARY KEY, session INTEGER NOT NULL, stage INTEGER NOT NULL, device TEXT NOT NULL,
     registered_at REAL NOT NULL, last_seen REAL NOT NULL, active INTEGER NOT NULL,
-    items_completed INTEGER NOT NULL, forward_s REAL, backward_s REAL, move_to INTEGER
+    items_completed INTEGER NOT NULL, forward_s REAL, backward_s REAL, move_to INTEGER,
+    epoch_steps INTEGER NOT NULL, weights_version INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS samples (
     sample INTEGER PRIMARY KEY, state TEXT NOT NULL, attempts INTEGER NOT NULL, updated_at REAL NOT NULL
@@ -46,6 +47,9 @@ CREATE TABLE IF NOT EXISTS events (
     sample INTEGER, attempt INTEGER, miner TEXT, detail TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS garbage (key TEXT PRIMARY KEY, not_before REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS merges (
+    epoch INTEGER NOT NULL, stage INTEGER NOT NULL, record TEXT NOT NULL, PRIMARY KEY (epoch, stage)
+);
 """
 
 
@@ -84,6 +88,8 @@ class Miner:
     forward_s: float | None = None  # EWMA of seconds from hand-out to completion
     backward_s: float | None = None
     move_to: int | None = None
+    epoch_steps: int = 0  # optimizer steps accepted from it this epoch (its merge weight)
+    weights_version: int = 0  # the global weights version it holds, as far as the orchestrator knows
     # In memory only, rebuilt on load from the items table:
     holding: set[str] = field(default_factory=set)  # forward items whose autograd state it keeps
     cancelled: list[str] = field(default_factory=list)
@@ -296,3 +302,23 @@ class StateDB:
 
     def count_garbage(self) -> int:
         return int(self._conn.execute("SELECT COUNT(*) FROM garbage").fetchone()[0])
+
+    # -- merges -----------------------------------------------------------------------------------------
+
+    def add_merge(self, epoch: int, stage: int, record: str) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO merges (epoch, stage, record) VALUES (?, ?, ?)", (epoch, stage, record)
+        )
+
+    def merges_after(self, epoch: int, limit: int) -> list[str]:
+        """Merge records (JSON) of epochs from `epoch` on, oldest first."""
+        rows = self._conn.execute(
+            "SELECT record FROM merges WHERE epoch >= ? ORDER BY epoch, stage LIMIT ?", (epoch, limit)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def count_merges(self, outcome: str) -> int:
+        row = self._conn.execute(
+            "SELECT COUNT(*) FROM merges WHERE json_extract(record, '$.outcome') = ?", (outcome,)
+        ).fetchone()
+        return int(row[0])

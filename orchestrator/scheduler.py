@@ -76,6 +76,7 @@ class Scheduler:
         self.backward_queue: dict[str, deque[str]] = {}
         self.assigned: dict[str, str] = {}  # hotkey -> the item it is working on
         self.next_sample = 0
+        self.paused = False  # no new attempts (the epoch is draining or merging); running ones go on
         self.completed = 0
         self.dropped = 0
         self.attempts_failed = 0
@@ -201,6 +202,8 @@ class Scheduler:
         if not tail and len(miner.holding) >= self.settings.max_outstanding:
             return None
         if miner.stage == 0:
+            if self.paused:
+                return None
             sample = self._take_sample(now)
             if sample is None:
                 return None
@@ -320,6 +323,8 @@ class Scheduler:
             del self.assigned[miner.hotkey]
             self._measure(miner, it, now)
             miner.items_completed += 1
+            if it.kind == "backward" or it.stage == self.n_stages - 1:
+                miner.epoch_steps += 1  # each backward (and the tail's forward) is one optimizer step
             self.items_completed += 1
             self.db.save_item(it)
             self.db.save_miner(miner)
@@ -449,7 +454,15 @@ class Scheduler:
             self.clock(), "bad_upload", reason, sample=it.sample, attempt=it.attempt, miner=miner.hotkey
         )
 
-    def fail_attempt(self, sample_index: int, attempt_no: int, reason: str) -> None:
+    def carry_over(self, reason: str) -> int:
+        """Abandon every running attempt without counting it against its sample (the epoch is ending): each
+        sample is retried from the head once training resumes. Returns how many were carried over."""
+        running = sorted(self.attempts)
+        for sample, attempt in running:
+            self.fail_attempt(sample, attempt, reason, counts=False)
+        return len(running)
+
+    def fail_attempt(self, sample_index: int, attempt_no: int, reason: str, *, counts: bool = True) -> None:
         """Abandon an attempt: free the miners' state, delete its objects, retry or drop the sample."""
         attempt = self.attempts.get((sample_index, attempt_no))
         if attempt is None:
@@ -467,10 +480,17 @@ class Scheduler:
                 if it.status in ("queued", "assigned"):
                     it.status = "failed"
                     self.db.save_item(it)
-            self.attempts_failed += 1
-            self.db.add_event(now, "attempt_failed", reason, sample=sample_index, attempt=attempt_no)
+            if counts:
+                self.attempts_failed += 1
+            self.db.add_event(
+                now,
+                "attempt_failed" if counts else "attempt_carried_over",
+                reason,
+                sample=sample_index,
+                attempt=attempt_no,
+            )
             sample = self.samples[sample_index]
-            if sample.attempts >= self.settings.max_attempts:
+            if counts and sample.attempts >= self.settings.max_attempts:
                 sample.state = "dropped"
                 self.samples.pop(sample_index)
                 self.dropped += 1

@@ -15,19 +15,24 @@ from common.chain import Chain
 from common.codec import content_hash
 from common.config import AuthSettings, DataSettings, ModelSettings
 from common.data import Corpus, SampleId, SampleSchedule
-from common.model import ModelConfig, boundary_payload_limit, get_preset
+from common.model import ModelConfig, boundary_payload_limit, get_preset, stage_sizes
 from common.model.config import split_blocks
 from common.protocol import (
     ArtifactRef,
+    CheckpointManifest,
     DataSpec,
     DownloadSource,
-    GlobalWeights,
+    StageCheckpoint,
     TrainingSpec,
     UploadTarget,
     WorkItem,
+    manifest_key,
 )
 from common.storage import ObjectStore, StorageError
 from orchestrator.db import Item, StateDB
+from orchestrator.epochs import EpochClock, Links
+from orchestrator.merge_jobs import run_finalize
+from orchestrator.merging import FinalizeJob, FinalizeResult, StoredCheckpoint
 from orchestrator.scheduler import Scheduler, SchedulerError
 from orchestrator.settings import OrchestratorSettings
 
@@ -76,6 +81,7 @@ def run_spec(
         data=DataSpec(
             source=data.source,
             fingerprint=corpus.fingerprint,
+            tokenizer=data.tokenizer,
             batch_size=data.batch_size,
             seq_len=data.seq_len,
         ),
@@ -89,6 +95,8 @@ def run_spec(
             wire_dtype=settings.wire_dtype,
             wire_int8=settings.wire_int8,
             wire_compress=settings.wire_compress,
+            outer_lr=settings.outer_lr,
+            outer_momentum=settings.outer_momentum,
         ),
         seed=model.seed,
     )
@@ -192,6 +200,20 @@ class Orchestrator:
             clock=clock,
             notify=self.wakeups.notify,
         )
+        self.epochs = EpochClock(
+            db,
+            self.scheduler,
+            settings,
+            n_stages=spec.model.n_stages,
+            stage_numel=[s.parameters for s in stage_sizes(spec.model)],
+            seed=spec.seed,
+            links=Links(self.upload_target, self.download_source),
+            clock=clock,
+            notify=self.wakeups.notify,
+            collect=self.collect,
+            on_epoch_end=self._epoch_ended,
+        )
+        self._jobs: set[asyncio.Task[None]] = set()
         self.registry = HotkeyRegistry(chain, metagraph_refresh_s)
         self.verifier = EpistulaVerifier(auth, clock=clock, admit=self.registry.admit)
         self.verify = signed_request_dependency(self.verifier)
@@ -200,19 +222,44 @@ class Orchestrator:
     def sample_ids(self, sample: int) -> list[SampleId]:
         return self.schedule.batch(sample, self.spec.data.batch_size)
 
-    def global_weights(self, stage: int) -> GlobalWeights:
-        # Until merging lands, the global weights are the seeded initialisation every replica rebuilds.
-        return GlobalWeights(version=0, seed=self.spec.seed)
+    def manifest(self) -> CheckpointManifest:
+        return CheckpointManifest(
+            run_id=self.run_id,
+            epoch=self.epochs.state.epoch,
+            model=self.spec.model.to_dict(),
+            seed=self.spec.seed,
+            data=self.spec.data,
+            stages=[
+                None
+                if c is None
+                else StageCheckpoint(stage=s, version=c.version, weights=c.weights, momentum=c.momentum)
+                for s, c in enumerate(self.epochs.checkpoints)
+            ],
+        )
+
+    def _epoch_ended(self) -> None:
+        data = self.manifest().model_dump_json(indent=1).encode()
+        task = asyncio.get_running_loop().create_task(self._write_manifest(data))
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+
+    async def _write_manifest(self, data: bytes) -> None:
+        for attempt in range(5):
+            try:
+                await asyncio.to_thread(self.store.put_bytes, manifest_key(self.run_id), data)
+                return
+            except StorageError as error:
+                log.warning("could not write the checkpoint manifest (attempt %d): %s", attempt + 1, error)
+                await asyncio.sleep(2.0 * (attempt + 1))
+
+    def collect(self, keys: list[str]) -> None:
+        """Delete these objects once the grace period has passed."""
+        self.db.add_garbage(keys, self.clock() + self.settings.garbage_delay_s)
 
     # -- wire forms ---------------------------------------------------------------------------------------
 
     def work_item(self, it: Item) -> WorkItem:
-        source = None
-        if it.input is not None:
-            ref = it.input
-            source = DownloadSource(
-                key=ref.key, url=self.store.presign_get(ref.key), size=ref.size, sha256=ref.sha256
-            )
+        source = None if it.input is None else self.download_source(it.input)
         target = None
         if it.output_key is not None:
             target = self.upload_target(it.output_key)
@@ -227,6 +274,11 @@ class Orchestrator:
             input=source,
             output=target,
             deadline_in_s=max(0.0, it.deadline - self.clock()),
+        )
+
+    def download_source(self, ref: ArtifactRef) -> DownloadSource:
+        return DownloadSource(
+            key=ref.key, url=self.store.presign_get(ref.key), size=ref.size, sha256=ref.sha256
         )
 
     def upload_target(self, key: str) -> UploadTarget:
@@ -258,6 +310,7 @@ class Orchestrator:
             await asyncio.sleep(1.0)
             try:
                 self.scheduler.reap()
+                self.epochs.tick()
                 if self.clock() - last_rebalance >= self.settings.rebalance_interval_s:
                     last_rebalance = self.clock()
                     if move := self.scheduler.rebalance():
@@ -269,6 +322,36 @@ class Orchestrator:
                         )
             except Exception:
                 log.exception("reaping failed; will try again")
+
+    async def merge_loop(self) -> None:
+        """Run each stage's finalize step (settle, outer step, checkpoint) off the event loop."""
+        while True:
+            await asyncio.sleep(0.2)
+            for job, previous in self.epochs.finalize_jobs():
+                task = asyncio.create_task(self._finalize(job, previous))
+                self._jobs.add(task)  # the loop keeps only weak references to tasks
+                task.add_done_callback(self._jobs.discard)
+
+    async def _finalize(self, job: FinalizeJob, previous: StoredCheckpoint | None) -> None:
+        s = job.state
+        result: FinalizeResult | None = None
+        try:
+            result = await asyncio.to_thread(
+                run_finalize,
+                job,
+                store=self.store,
+                cfg=self.spec.model,
+                seed=self.spec.seed,
+                previous=previous,
+                clip_factor=self.settings.merge_clip_factor,
+                outer_lr=self.settings.outer_lr,
+                outer_momentum=self.settings.outer_momentum,
+            )
+        except Exception:
+            log.exception("finalizing the merge of stage %d failed; will try again", s.stage)
+            await asyncio.sleep(2.0)
+        self.epochs.finalized(s.stage, s.epoch, result)
+        self.epochs.tick()
 
     async def garbage_loop(self) -> None:
         while True:

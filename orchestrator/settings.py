@@ -31,6 +31,26 @@ class OrchestratorSettings(BaseSettings):
     )
     wire_int8: bool = Field(False, description="Quantise activations and gradients to int8 on the wire.")
     wire_compress: bool = Field(False, description="lz4-compress activations and gradients on the wire.")
+    # -- merging: the outer optimiser (fixed when the run is created) and the epoch clock --
+    outer_lr: float = Field(
+        0.7, gt=0, description="Outer Nesterov learning rate at each merge (DiLoCo: 0.7)."
+    )
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="Outer Nesterov momentum (DiLoCo: 0.9).")
+    merge_every_samples: int = Field(
+        256, ge=0, description="Merge once this many samples have been trained in the epoch (0: no limit)."
+    )
+    epoch_max_s: float = Field(
+        1800.0, ge=0, description="Merge after this long in training even if fewer samples (0: no limit)."
+    )
+    drain_timeout_s: float = Field(
+        60.0, gt=0, description="Before a merge, how long samples in flight get to finish; then carried over."
+    )
+    merge_phase_timeout_s: float = Field(
+        60.0, gt=0, description="Deadline of each merge phase; late miners are left out or replaced."
+    )
+    merge_clip_factor: float = Field(
+        2.0, gt=0, description="Reducers clip each pseudo-gradient slice to this times the median norm."
+    )
     # -- scheduling --
     max_outstanding: int = Field(
         4, ge=1, le=64, description="Forwards a miner may hold awaiting their backward (its memory bound)."

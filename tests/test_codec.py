@@ -29,7 +29,7 @@ from common.codec import (
 )
 
 MB = 1 << 20
-META = {"iota.codec": str(VERSION), "iota.int8": "0"}
+META = {"iota": json.dumps({"codec": VERSION, "int8": 0})}
 
 
 def _header(flags: int = 0, magic: bytes = MAGIC, version: int = VERSION) -> bytes:
@@ -163,7 +163,7 @@ def test_int8_refuses_to_quantise_non_finite_input() -> None:
 
 
 def _int8_payload(q: torch.Tensor, scale: torch.Tensor) -> bytes:
-    meta = {"iota.codec": str(VERSION), "iota.int8": "1", "iota.dtypes": json.dumps({"tensor": "float32"})}
+    meta = {"iota": json.dumps({"codec": VERSION, "int8": 1, "dtypes": {"tensor": "float32"}})}
     return _header(FLAG_INT8) + save({"tensor": q, "tensor" + SCALE_SUFFIX: scale}, metadata=meta)
 
 

@@ -24,6 +24,8 @@ SPEC = TrainingSpec(
     wire_dtype="float32",
     wire_int8=False,
     wire_compress=False,
+    outer_lr=0.7,
+    outer_momentum=0.9,
 )
 
 
@@ -309,7 +311,9 @@ def test_copy_input_passes_its_input_through() -> None:
 
 
 def test_every_behavior_is_known_and_unknown_ones_are_refused() -> None:
-    assert set(BEHAVIORS) == {"honest", "random-output", "zero-grad", "scaled-output", "copy-input"}
+    assert set(BEHAVIORS) == {
+        "honest", "random-output", "zero-grad", "scaled-output", "copy-input", "wrong-reduce"
+    }  # fmt: skip
     for behavior in BEHAVIORS:
         assert BehaviorPolicy(behavior).takes_step == (behavior != "zero-grad")
     with pytest.raises(ValueError, match="unknown behaviour"):

@@ -30,6 +30,6 @@ async def register(req: Signed, orch: Orch) -> RegisterResponse:
         model=orch.spec.model.to_dict(),
         data=orch.spec.data,
         training=orch.spec.training,
-        weights=orch.global_weights(miner.stage),
+        weights=orch.epochs.joined(miner),
         poll_wait_s=orch.settings.poll_wait_s,
     )

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query
 
-from common.protocol import PROTOCOL_VERSION, LossPage, LossRecord, MinerStatus, RunStatus, StageStatus
+from common.protocol import (
+    PROTOCOL_VERSION,
+    LossPage,
+    LossRecord,
+    MergeRecord,
+    MinerStatus,
+    RunStatus,
+    StageStatus,
+)
 from orchestrator.assignment import stage_capacity
 from orchestrator.deps import Orch
 
@@ -18,7 +26,7 @@ async def health(orch: Orch) -> dict[str, str]:
 
 @router.get("/v1/status", response_model=RunStatus)
 async def status(orch: Orch) -> RunStatus:
-    sched, spec = orch.scheduler, orch.spec
+    sched, spec, epochs = orch.scheduler, orch.spec, orch.epochs
     active = [m for m in sched.miners.values() if m.active]
     capacity = stage_capacity(sched.loads(), spec.model.n_stages)
     return RunStatus(
@@ -36,8 +44,18 @@ async def status(orch: Orch) -> RunStatus:
         samples_dropped=sched.dropped,
         attempts_failed=sched.attempts_failed,
         items_completed=sched.items_completed,
+        epoch=epochs.state.epoch,
+        epoch_phase=epochs.state.phase,
+        merges_completed=epochs.merges_completed,
+        merges_rolled_back=epochs.merges_rolled_back,
         stages=[
-            StageStatus(stage=s, miners=sum(m.stage == s for m in active), samples_per_s=capacity[s])
+            StageStatus(
+                stage=s,
+                miners=sum(m.stage == s for m in active),
+                samples_per_s=capacity[s],
+                version=epochs.versions[s],
+                merge_phase=epochs.merge_phase(s),
+            )
             for s in range(spec.model.n_stages)
         ],
         miners=[
@@ -64,3 +82,11 @@ async def losses(
         for seq, sample, attempt, loss, at, pathway in rows
     ]
     return LossPage(records=records, next_after=records[-1].seq if records else after)
+
+
+@router.get("/v1/merges", response_model=list[MergeRecord])
+async def merges(
+    orch: Orch, after_epoch: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)
+) -> list[MergeRecord]:
+    """What every finished merge did: who contributed with what weight, who was left out or flagged."""
+    return orch.epochs.records(after_epoch, limit)

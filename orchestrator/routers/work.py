@@ -34,10 +34,12 @@ async def next_work(req: Signed, orch: Orch) -> WorkResponse:
         # Checked again after every wait: the miner may have re-registered meanwhile.
         miner = orch.scheduler.session_miner(req.hotkey, body.run_id, body.session)
         event.clear()  # before looking, so a notify that lands after the look is not lost
-        item = orch.scheduler.next_item(miner)
         cancelled = orch.scheduler.take_cancelled(miner)
+        merge = orch.epochs.task_for(miner)
+        reload = None if merge else orch.epochs.reload_for(miner)
+        item = None if merge or reload else orch.scheduler.next_item(miner)
         remaining = until - loop.time()
-        if item is not None or cancelled or miner.move_to is not None or remaining <= 0:
+        if item or merge or reload or cancelled or miner.move_to is not None or remaining <= 0:
             break
         try:
             await asyncio.wait_for(event.wait(), remaining)
@@ -47,6 +49,8 @@ async def next_work(req: Signed, orch: Orch) -> WorkResponse:
         item=orch.work_item(item) if item is not None else None,
         cancelled=cancelled,
         move_to_stage=miner.move_to,
+        merge=merge,
+        reload=reload,
     )
 
 

@@ -1,0 +1,101 @@
+"""One stage's merge run in one process: the orchestrator's state machine and finalize step, and one
+`MergeParticipant` per replica, with every transfer through real presigned S3 URLs. No HTTP between them:
+the reports go straight into the state machine. For the merge benchmark and tests that need many replicas
+on one machine; the devnet runs the same code over HTTP, one process per miner.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from common.model import ModelConfig
+from common.protocol import ArtifactRef, DownloadSource, MergeTask, UploadTarget
+from common.storage import ObjectStore
+from miner.merging import MergeParticipant
+from orchestrator.epochs import Links
+from orchestrator.merge_jobs import run_finalize
+from orchestrator.merging import StageMerge, StoredCheckpoint
+
+
+def store_links(store: ObjectStore, expires_s: int = 900) -> Links:
+    def upload(key: str) -> UploadTarget:
+        return UploadTarget(key=key, url=store.presign_put(key, expires_s=expires_s), expires_in_s=expires_s)
+
+    def download(ref: ArtifactRef) -> DownloadSource:
+        return DownloadSource(key=ref.key, url=store.presign_get(ref.key), size=ref.size, sha256=ref.sha256)
+
+    return Links(upload, download)
+
+
+@dataclass
+class LocalMergeResult:
+    merge: StageMerge
+    wall_s: float
+    orchestrator_s: float  # of which in the orchestrator's finalize step
+
+
+def run_local_merge(
+    participants: dict[str, MergeParticipant],
+    *,
+    store: ObjectStore,
+    cfg: ModelConfig,
+    seed: int,
+    stage: int,
+    epoch: int,
+    accepted: dict[str, int],
+    previous: StoredCheckpoint | None = None,
+    run_id: str = "local",
+    clip_factor: float = 2.0,
+    timeout_s: float = 600.0,
+    threads: int = 4,
+) -> LocalMergeResult:
+    """Drive one merge to its end. `participants` maps hotkey to its replica; only those in `accepted`
+    (hotkey -> optimizer steps) take part, as the orchestrator would choose them."""
+    any_participant = next(iter(participants.values()))
+    links = store_links(store)
+    merge = StageMerge.start(
+        run_id=run_id,
+        epoch=epoch,
+        stage=stage,
+        version=any_participant.version,
+        numel=int(any_participant.start.numel()),
+        accepted=accepted,
+        timeout_s=timeout_s,
+        clip_factor=clip_factor,
+        clock=time.time,
+    )
+    started, finalize_s = time.perf_counter(), 0.0
+    training = any_participant.training
+    with ThreadPoolExecutor(threads) as pool:
+        while not merge.finished:
+            if merge.phase == "finalize":
+                t0 = time.perf_counter()
+                result = run_finalize(
+                    merge.finalize_job(),
+                    store=store,
+                    cfg=cfg,
+                    seed=seed,
+                    previous=previous,
+                    clip_factor=clip_factor,
+                    outer_lr=training.outer_lr,
+                    outer_momentum=training.outer_momentum,
+                )
+                finalize_s += time.perf_counter() - t0
+                merge.finalized(result)
+                continue
+            tasks = {h: t for h in sorted(participants) if (t := merge.task_for(h, links)) is not None}
+            if not tasks:
+                raise RuntimeError(f"the merge waits in phase {merge.phase} for a replica that is not here")
+
+            def work(item: tuple[str, MergeTask], phase: str = merge.phase) -> tuple[str, object]:
+                hotkey, task = item
+                return hotkey, getattr(participants[hotkey], phase)(task)
+
+            for hotkey, report in pool.map(work, tasks.items()):
+                merge.report(hotkey, report)  # type: ignore[arg-type]
+    return LocalMergeResult(merge=merge, wall_s=time.perf_counter() - started, orchestrator_s=finalize_s)
+
+
+__all__ = ["LocalMergeResult", "run_local_merge", "store_links"]

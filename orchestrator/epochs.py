@@ -1,0 +1,321 @@
+"""The run's epoch clock: train, drain, merge every stage, repeat.
+
+    training --(enough samples, or epoch_max_s)--> draining --(nothing in flight, or drain_timeout_s)-->
+    merging --(every stage merged or rolled back)--> training (next epoch)
+
+While draining, no new sample starts; samples in flight finish, and any still running at the timeout are
+carried over (retried next epoch, not counted against them). While merging, nothing trains: each stage runs
+its own `StageMerge`. Each stage's global version counts its merges; a miner whose weights are not the
+current version (it joined during a merge, missed one, or applied it wrongly) reloads the checkpoint before
+it trains again. Everything here is saved in the state database and survives a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from common.protocol import (
+    ApplyReport,
+    ArtifactRef,
+    Checkpoint,
+    DownloadSource,
+    GlobalWeights,
+    MergeRecord,
+    MergeTask,
+    ReduceReport,
+    UploadReport,
+    UploadTarget,
+)
+from orchestrator.db import Miner, StateDB
+from orchestrator.merging import FinalizeJob, FinalizeResult, MergeState, StageMerge, StoredCheckpoint
+from orchestrator.scheduler import Scheduler, SchedulerError
+from orchestrator.settings import OrchestratorSettings
+
+log = logging.getLogger("iota.orchestrator")
+
+EpochPhase = Literal["training", "draining", "merging"]
+
+
+class EpochState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epoch: int = 0
+    phase: EpochPhase = "training"
+    since: float
+    completed_at_start: int = 0
+
+
+class Links:
+    """Presigning, bound to the orchestrator's store (the `merging.Links` protocol)."""
+
+    def __init__(
+        self,
+        upload_target: Callable[[str], UploadTarget],
+        download_source: Callable[[ArtifactRef], DownloadSource],
+    ) -> None:
+        self.upload_target, self.download_source = upload_target, download_source
+
+
+class EpochClock:
+    def __init__(
+        self,
+        db: StateDB,
+        scheduler: Scheduler,
+        settings: OrchestratorSettings,
+        *,
+        n_stages: int,
+        stage_numel: list[int],
+        seed: int,
+        links: Links,
+        clock: Callable[[], float],
+        notify: Callable[[str], None],
+        collect: Callable[[list[str]], None],
+        on_epoch_end: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.db, self.scheduler, self.settings = db, scheduler, settings
+        self.n_stages, self.stage_numel, self.seed = n_stages, stage_numel, seed
+        self.links, self.clock, self.notify, self.collect = links, clock, notify, collect
+        self.on_epoch_end = on_epoch_end
+        stored = db.get_meta("epoch")
+        self.state = EpochState.model_validate(stored) if stored else EpochState(since=clock())
+        self.versions = [int(db.get_meta(f"version.{s}") or 0) for s in range(n_stages)]
+        self.checkpoints: list[StoredCheckpoint | None] = [
+            StoredCheckpoint.model_validate(c) if (c := db.get_meta(f"checkpoint.{s}")) else None
+            for s in range(n_stages)
+        ]
+        self.merges: dict[int, StageMerge] = {}
+        if self.state.phase == "merging":
+            for s in range(n_stages):
+                if saved := db.get_meta(f"merge.{s}"):
+                    self.merges[s] = self._merge(MergeState.model_validate(saved))
+        self.merges_completed = db.count_merges("merged")
+        self.merges_rolled_back = db.count_merges("rolled_back")
+        scheduler.paused = self.state.phase != "training"
+
+    def _merge(self, state: MergeState) -> StageMerge:
+        return StageMerge(
+            state,
+            timeout_s=self.settings.merge_phase_timeout_s,
+            clip_factor=self.settings.merge_clip_factor,
+            clock=self.clock,
+        )
+
+    # -- the clock ----------------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Move the clock on; called about once a second (and after every merge report)."""
+        now, st = self.clock(), self.state
+        if st.phase == "training" and self._epoch_over(now):
+            self._set_phase("draining", now)
+            self.scheduler.paused = True
+            log.info(
+                "epoch %d: training over, draining %d samples in flight", st.epoch, self.scheduler.in_flight()
+            )
+        if st.phase == "draining":
+            if self.scheduler.in_flight() and now - st.since < self.settings.drain_timeout_s:
+                return
+            if carried := self.scheduler.carry_over(f"epoch {st.epoch} ended; retried next epoch"):
+                log.info("epoch %d: carried %d unfinished samples over", st.epoch, carried)
+            self._start_merges(now)
+        if st.phase == "merging":
+            for merge in self.merges.values():
+                if not merge.finished and merge.tick():
+                    self._changed(merge)
+            if all(m.finished for m in self.merges.values()):
+                self._next_epoch(now)
+
+    def _epoch_over(self, now: float) -> bool:
+        s, st = self.settings, self.state
+        trained = self.scheduler.completed - st.completed_at_start
+        if s.merge_every_samples and trained >= s.merge_every_samples:
+            return True
+        return bool(s.epoch_max_s) and trained > 0 and now - st.since >= s.epoch_max_s
+
+    def _set_phase(self, phase: EpochPhase, now: float) -> None:
+        self.state.phase, self.state.since = phase, now
+        self.db.set_meta("epoch", self.state.model_dump())
+
+    def _start_merges(self, now: float) -> None:
+        epoch = self.state.epoch
+        with self.db.transaction():
+            for s in range(self.n_stages):
+                accepted = {
+                    m.hotkey: m.epoch_steps
+                    for m in self.scheduler.miners.values()
+                    if m.active
+                    and m.stage == s
+                    and m.epoch_steps > 0
+                    and m.weights_version == self.versions[s]
+                }
+                merge = StageMerge.start(
+                    run_id=self.scheduler.run_id,
+                    epoch=epoch,
+                    stage=s,
+                    version=self.versions[s],
+                    numel=self.stage_numel[s],
+                    accepted=accepted,
+                    timeout_s=self.settings.merge_phase_timeout_s,
+                    clip_factor=self.settings.merge_clip_factor,
+                    clock=self.clock,
+                )
+                self.merges[s] = merge
+                self.db.set_meta(f"merge.{s}", merge.state.model_dump(mode="json"))
+            self._set_phase("merging", now)
+        log.info("epoch %d: merging %d stages", epoch, self.n_stages)
+        for merge in self.merges.values():
+            self._changed(merge)
+
+    def _next_epoch(self, now: float) -> None:
+        st = self.state
+        with self.db.transaction():
+            for m in self.scheduler.miners.values():
+                m.epoch_steps = 0
+                self.db.save_miner(m)
+            st.epoch += 1
+            st.completed_at_start = self.scheduler.completed
+            self._set_phase("training", now)
+        self.merges.clear()
+        self.scheduler.paused = False
+        self.on_epoch_end()
+        for hotkey in list(self.scheduler.miners):
+            self.notify(hotkey)
+
+    # -- one stage's merge -----------------------------------------------------------------------------
+
+    def _changed(self, merge: StageMerge) -> None:
+        """Save the merge, close it if it finished, and wake the miners it may now want."""
+        s = merge.state
+        with self.db.transaction():
+            self.db.set_meta(f"merge.{s.stage}", s.model_dump(mode="json"))
+            if merge.finished and not merge.closed:
+                self._close(merge)
+        for hotkey in merge.involved():
+            self.notify(hotkey)
+
+    def _close(self, merge: StageMerge) -> None:
+        s, record = merge.state, merge.record()
+        merge.closed = True
+        self.db.add_merge(s.epoch, s.stage, record.model_dump_json())
+        for flag in record.flagged:
+            self.db.add_event(
+                self.clock(),
+                "merge_flag",
+                f"epoch {s.epoch} stage {s.stage}: {flag.reason}",
+                miner=flag.hotkey or None,
+            )
+        if record.outcome == "merged":
+            assert s.checkpoint is not None
+            old = self.checkpoints[s.stage]
+            self.versions[s.stage], self.checkpoints[s.stage] = s.checkpoint.version, s.checkpoint
+            self.db.set_meta(f"version.{s.stage}", s.checkpoint.version)
+            self.db.set_meta(f"checkpoint.{s.stage}", s.checkpoint.model_dump(mode="json"))
+            for hotkey in merge.in_sync():
+                miner = self.scheduler.miners.get(hotkey)
+                if miner is not None and miner.stage == s.stage:
+                    miner.weights_version = s.checkpoint.version
+                    self.db.save_miner(miner)
+            self.merges_completed += 1
+            garbage = merge.objects() + ([old.weights.key, old.momentum.key] if old else [])
+        else:
+            self.merges_rolled_back += 1
+            garbage = merge.objects()
+            # Participants may hold trained weights the merge never combined: back to the stage's version.
+            for hotkey in s.accepted:
+                miner = self.scheduler.miners.get(hotkey)
+                if miner is not None and miner.stage == s.stage:
+                    miner.weights_version = -1
+                    self.db.save_miner(miner)
+        self.collect(garbage)
+        log.info(
+            "epoch %d stage %d: %s (version %d, %d participants, %d flagged)",
+            s.epoch,
+            s.stage,
+            record.outcome,
+            record.version,
+            len(record.participants),
+            len(record.flagged),
+        )
+
+    def task_for(self, miner: Miner) -> MergeTask | None:
+        merge = self.merges.get(miner.stage)
+        if self.state.phase != "merging" or merge is None or merge.finished:
+            return None
+        return merge.task_for(miner.hotkey, self.links)
+
+    def report(
+        self, miner: Miner, epoch: int, stage: int, report: UploadReport | ReduceReport | ApplyReport
+    ) -> None:
+        merge = self.merges.get(stage)
+        if self.state.phase != "merging" or merge is None or epoch != self.state.epoch:
+            raise SchedulerError(409, "no_merge", f"no merge of stage {stage} in epoch {epoch} is running")
+        if miner.stage != stage:
+            raise SchedulerError(403, "wrong_stage", f"you run stage {miner.stage}, not {stage}")
+        before = (merge.phase, len(merge.state.reported))
+        merge.report(miner.hotkey, report)
+        self._changed(merge)
+        if (merge.phase, len(merge.state.reported)) != before:
+            self.tick()
+
+    # -- the finalize step, run by the service in a thread ------------------------------------------------
+
+    def finalize_jobs(self) -> list[tuple[FinalizeJob, StoredCheckpoint | None]]:
+        jobs = []
+        for merge in self.merges.values():
+            if merge.phase == "finalize" and not merge.finalizing:
+                merge.finalizing = True
+                jobs.append((merge.finalize_job(), self.checkpoints[merge.state.stage]))
+        return jobs
+
+    def finalized(self, stage: int, epoch: int, result: FinalizeResult | None) -> None:
+        """The finalize job's result (None: it failed and runs again on the next tick)."""
+        merge = self.merges.get(stage)
+        if merge is None or merge.state.epoch != epoch or merge.phase != "finalize":
+            return
+        merge.finalizing = False
+        if result is not None:
+            merge.finalized(result)
+            self._changed(merge)
+
+    # -- global weights -----------------------------------------------------------------------------------
+
+    def global_weights(self, stage: int) -> GlobalWeights:
+        ckpt = self.checkpoints[stage]
+        checkpoint = None
+        if ckpt is not None:
+            checkpoint = Checkpoint(
+                weights=self.links.download_source(ckpt.weights),
+                momentum=self.links.download_source(ckpt.momentum),
+            )
+        return GlobalWeights(version=self.versions[stage], seed=self.seed, checkpoint=checkpoint)
+
+    def joined(self, miner: Miner) -> GlobalWeights:
+        """A miner (re)registering loads its stage's current global weights."""
+        miner.weights_version = self.versions[miner.stage]
+        self.db.save_miner(miner)
+        return self.global_weights(miner.stage)
+
+    def reload_for(self, miner: Miner) -> GlobalWeights | None:
+        """The weights a miner must load before it trains again, if it does not hold the current ones."""
+        if (
+            self.state.phase == "merging"
+            and miner.stage in self.merges
+            and not self.merges[miner.stage].finished
+        ):
+            return None  # mid-merge: its start-of-epoch weights may still be needed
+        version = self.versions[miner.stage]
+        if miner.weights_version == version:
+            return None
+        miner.weights_version = version
+        self.db.save_miner(miner)
+        return self.global_weights(miner.stage)
+
+    def merge_phase(self, stage: int) -> str | None:
+        merge = self.merges.get(stage)
+        return None if merge is None or merge.finished else merge.phase
+
+    def records(self, after_epoch: int, limit: int) -> list[MergeRecord]:
+        return [MergeRecord.model_validate_json(r) for r in self.db.merges_after(after_epoch, limit)]
