@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import emit  # noqa: E402
 from common.config import DataSettings, ModelSettings  # noqa: E402
 from common.data import SampleSchedule, batch_tokens, make_corpus  # noqa: E402
 from common.model import IotaModel, get_preset, next_token_loss  # noqa: E402
@@ -396,13 +397,7 @@ def main() -> None:
         )
         print(json.dumps(result))
         return
-    result = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_table(result)
+    emit(run(args), args.out, as_json=args.json, print_table=print_table)
 
 
 if __name__ == "__main__":

@@ -334,6 +334,7 @@ class MergeRecord(_Message):
     version: int = Field(description="The stage's global version after the merge.")
     participants: dict[str, float] = Field(description="Hotkey to the work weight its pseudo-gradient had.")
     excluded: dict[str, str] = Field(description="Hotkey to why it was left out (dead, late, bad upload).")
+    in_sync: list[str] = Field(description="Miners that reported the new weights; the rest reload them.")
     flagged: list[MergeFlag]
     partitions: int
     settled: int = Field(description="Partitions the orchestrator recomputed (disagreement or no reducer).")

@@ -210,5 +210,87 @@ def run_devnet_command(
     )
 
 
+@app.command("export")
+def run_export(
+    out: Path = typer.Option(..., "--out", help="Weights file to write (safetensors); config goes to .json."),
+    run_id: str = typer.Option(None, "--run", help="Run id (default: the one in the orchestrator's state)."),
+    state: Path = typer.Option(None, "--state", help="Orchestrator state DB (default IOTA_ORCH_STATE_PATH)."),
+) -> None:
+    """Assemble the run's latest merged model from the bucket (IOTA_S3_*) into one safetensors file."""
+    from common.config import S3Settings
+    from common.storage import ObjectStore
+    from iota.export import ExportError, export_model
+
+    run_id = run_id or _run_id_from_state(state)
+    try:
+        info = export_model(ObjectStore.from_settings(S3Settings()), run_id, out)
+    except ExportError as error:
+        console.print(f"[red]cannot export:[/red] {error}")
+        raise typer.Exit(2) from None
+    console.print(
+        f"wrote [bold]{info.path}[/bold] and {info.config_path}: run {info.run_id}, epoch {info.epoch}, "
+        f"{info.parameters:,} parameters"
+    )
+    table = Table("stage", "version")
+    for stage, v in enumerate(info.versions):
+        table.add_row(str(stage), f"{v}" if v else "0 (seeded init, never merged)")
+    console.print(table)
+
+
+def _run_id_from_state(state: Path | None) -> str:
+    """The run id the orchestrator recorded, for running `iota export` beside it without looking it up."""
+    from orchestrator.db import StateDB
+    from orchestrator.settings import OrchestratorSettings
+
+    path = state or OrchestratorSettings().state_path
+    # StateDB would create a missing file; an empty new database is never what the user meant.
+    if not path.is_file():
+        console.print(f"[red]cannot export:[/red] no orchestrator state at {path}; pass --run or --state")
+        raise typer.Exit(2)
+    db = StateDB(path)
+    try:
+        run_id = db.get_meta("run_id")
+    finally:
+        db.close()
+    if not run_id:
+        console.print(f"[red]cannot export:[/red] {path} records no run id; pass --run RUN_ID")
+        raise typer.Exit(2)
+    return str(run_id)
+
+
+@app.command("sample")
+def run_sample(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A file written by `iota export`."),
+    prompt: str = typer.Option(..., "--prompt", help="Text to continue (may be empty)."),
+    max_new_tokens: int = typer.Option(100, min=0, help="Tokens to generate at most (stops early at EOS)."),
+    temperature: float = typer.Option(0.8, min=0.0, help="Softmax temperature; 0 is greedy."),
+    top_k: int = typer.Option(50, min=0, help="Sample among the k likeliest tokens; 0 keeps all."),
+    seed: int = typer.Option(0, help="Sampling seed: the same seed gives the same text."),
+) -> None:
+    """Continue a prompt with an exported model, on the CPU."""
+    from rich.text import Text
+
+    from common.data import load_tokenizer
+    from iota.export import ExportError, generate, load_exported
+
+    try:
+        model, config = load_exported(checkpoint)
+    except ExportError as error:
+        console.print(f"[red]cannot sample:[/red] {error}")
+        raise typer.Exit(2) from None
+    tokenizer = load_tokenizer(config["tokenizer"])
+    text = generate(
+        model,
+        tokenizer,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        seed=seed,
+    )
+    # Text, not a markup string: generated brackets print as they are; soft_wrap adds no line breaks.
+    console.print(Text(prompt, style="dim") + Text(text), soft_wrap=True)
+
+
 if __name__ == "__main__":
     app()

@@ -27,7 +27,7 @@ import httpx
 from common.chain import LocalChain
 from common.keys import create_hotkey
 from common.model import get_preset
-from common.protocol import LossPage, LossRecord, RunStatus
+from common.protocol import LossPage, LossRecord, MergeRecord, RunStatus
 from common.s3server import EmbeddedS3
 
 NETUID = 9
@@ -187,6 +187,14 @@ class Devnet:
         keypair = create_hotkey(WALLET, name, self.workdir / "wallets")
         self.chain.register(keypair.ss58_address)
         self.hotkeys[name], self.behaviors[keypair.ss58_address] = keypair.ss58_address, behavior
+        self._start_miner(name, behavior, threads)
+        return name
+
+    def restart_miner(self, name: str, threads: int = 1) -> None:
+        """Start a stopped or killed miner again with its own hotkey (as PM2 would)."""
+        self._start_miner(name, self.behaviors[self.hotkeys[name]], threads)
+
+    def _start_miner(self, name: str, behavior: str, threads: int) -> None:
         env = self.env(
             IOTA_WALLET_HOTKEY=name,
             IOTA_MINER_BEHAVIOR=behavior,
@@ -195,7 +203,6 @@ class Devnet:
             IOTA_MINER_SNAPSHOT_FILE=str(self.snapshot_path(name)) if self.options.snapshots else "",
         )
         self.miners[name] = self._spawn(name, ["miner"], env)
-        return name
 
     def snapshot_path(self, name: str) -> Path:
         return self.workdir / "logs" / f"{name}.safetensors"
@@ -218,6 +225,10 @@ class Devnet:
         """The loss records after position `after` (at most 10,000), and where the next page starts."""
         resp = self.http.get("/v1/losses", params={"after": after, "limit": 10_000})
         return LossPage.model_validate_json(resp.content)
+
+    def merges(self) -> list[MergeRecord]:
+        resp = self.http.get("/v1/merges", params={"limit": 1000})
+        return [MergeRecord.model_validate(r) for r in resp.json()]
 
     def losses(self) -> list[LossRecord]:
         records: list[LossRecord] = []

@@ -133,13 +133,6 @@ def _settle(
             canonical = canonical or ref
             continue
         theirs = fetch_slice(store, ref, mean.numel())
-        import pathlib
-        import time as _t
-
-        _d = pathlib.Path(f"/tmp/dbgmerge/{p}-{h[:6]}-{_t.time()}")
-        _d.mkdir(parents=True, exist_ok=True)
-        (_d / "data").write_bytes(data)
-        (_d / "theirs").write_bytes(store.get_exact(ref.key, ref.size) or b"")
         if theirs is None or not torch.allclose(theirs, mean, rtol=RTOL, atol=ATOL):
             flags.append(MergeFlag(hotkey=h, reason=f"uploaded a wrong result for partition {p}"))
     if canonical is None:

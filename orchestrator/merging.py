@@ -311,7 +311,8 @@ class StageMerge:
         s = self.state
         if hotkey in s.reported:
             return  # a retry; the first report counts
-        mine = {p for p, rs in s.reducers.items() if hotkey in rs}
+        done = {p for p, res in s.results.items() if hotkey in res}  # before a reducer was replaced
+        mine = {p for p, rs in s.reducers.items() if hotkey in rs} - done
         given = {r.partition for r in report.results}
         if len(given) != len(report.results) or not given <= mine:
             raise SchedulerError(
@@ -446,7 +447,7 @@ class StageMerge:
             members=members,
             agreed=agreed,
             recompute=recompute,
-            settled_keys={p: self.settled_key(p) for p in recompute},
+            settled_keys={p.index: self.settled_key(p.index) for p in s.partitions},
             checkpoint_keys=self.checkpoint_keys(),
         )
 
@@ -498,6 +499,7 @@ class StageMerge:
             version=s.version + 1 if merged else s.version,
             participants=self.work() if s.pg else {},
             excluded=dict(s.excluded),
+            in_sync=self.in_sync(),
             flagged=list(s.flagged),
             partitions=len(s.partitions),
             settled=len(s.settled),

@@ -34,7 +34,7 @@ from orchestrator.epochs import EpochClock, Links
 from orchestrator.merge_jobs import run_finalize
 from orchestrator.merging import FinalizeJob, FinalizeResult, StoredCheckpoint
 from orchestrator.scheduler import Scheduler, SchedulerError
-from orchestrator.settings import OrchestratorSettings
+from orchestrator.settings import OrchestratorSettings, training_spec
 
 log = logging.getLogger("iota.orchestrator")
 
@@ -85,19 +85,7 @@ def run_spec(
             batch_size=data.batch_size,
             seq_len=data.seq_len,
         ),
-        training=TrainingSpec(
-            lr=settings.lr,
-            weight_decay=settings.weight_decay,
-            beta1=settings.beta1,
-            beta2=settings.beta2,
-            grad_clip=settings.grad_clip,
-            max_outstanding=settings.max_outstanding,
-            wire_dtype=settings.wire_dtype,
-            wire_int8=settings.wire_int8,
-            wire_compress=settings.wire_compress,
-            outer_lr=settings.outer_lr,
-            outer_momentum=settings.outer_momentum,
-        ),
+        training=training_spec(settings),
         seed=model.seed,
     )
 

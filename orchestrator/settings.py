@@ -10,6 +10,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings
 
 from common.config import _config
+from common.protocol import TrainingSpec
 
 
 class OrchestratorSettings(BaseSettings):
@@ -75,4 +76,21 @@ class OrchestratorSettings(BaseSettings):
     )
     max_samples: int | None = Field(
         None, ge=1, description="Stop handing out new samples after this many (empty: no limit)."
+    )
+
+
+def training_spec(settings: OrchestratorSettings) -> TrainingSpec:
+    """The run's optimiser and wire settings as miners receive them."""
+    return TrainingSpec(
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
+        beta1=settings.beta1,
+        beta2=settings.beta2,
+        grad_clip=settings.grad_clip,
+        max_outstanding=settings.max_outstanding,
+        wire_dtype=settings.wire_dtype,
+        wire_int8=settings.wire_int8,
+        wire_compress=settings.wire_compress,
+        outer_lr=settings.outer_lr,
+        outer_momentum=settings.outer_momentum,
     )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -31,19 +30,6 @@ from common.storage import (
 MIB = 1024 * 1024
 # Backoff short enough that retry tests take milliseconds, with the same number of attempts as production.
 FAST_RETRY = RetryPolicy(attempts=4, initial_wait_s=0.01, max_wait_s=0.02)
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[EmbeddedS3]:
-    with EmbeddedS3(port=0) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def store(s3: EmbeddedS3) -> ObjectStore:
-    store = ObjectStore.from_settings(s3.settings(bucket="test-storage"))
-    store.ensure_bucket()
-    return store
 
 
 class RequestCounter:
