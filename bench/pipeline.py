@@ -270,6 +270,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         duration_s=args.duration,
         workdir=workdir,
         torch_threads=args.miner_threads or None,
+        merge_every=0,  # the pipeline alone; what a merge costs is bench/merge.py's to measure
     )
     sampler = CpuSampler()
 

@@ -208,6 +208,11 @@ def run_devnet_command(
         f"{result['merges_completed']} stage merges. "
         f"Summary: {summary}  Logs: {result['workdir']}/logs"
     )
+    if result["export"]:
+        console.print(
+            f"the merged model: {result['export']}; try "
+            f"[bold]iota sample --checkpoint {result['export']} --prompt 'def '[/bold]"
+        )
 
 
 @app.command("export")

@@ -29,8 +29,10 @@ from common.keys import create_hotkey
 from common.model import get_preset
 from common.protocol import LossPage, LossRecord, MergeRecord, RunStatus
 from common.s3server import EmbeddedS3
+from common.storage import ObjectStore
 
 NETUID = 9
+BUCKET = "iota-devnet"
 WALLET = "devnet"
 
 
@@ -107,7 +109,7 @@ class Devnet:
         env = {k: v for k, v in os.environ.items() if not k.startswith("IOTA_")}
         env.update(
             IOTA_S3_ENDPOINT_URL=self.s3.endpoint_url,
-            IOTA_S3_BUCKET="iota-devnet",
+            IOTA_S3_BUCKET=BUCKET,
             IOTA_CHAIN_BACKEND="local",
             IOTA_CHAIN_LOCAL_PATH=str(self.workdir / "chain.json"),
             IOTA_CHAIN_NETUID=str(NETUID),
@@ -226,6 +228,19 @@ class Devnet:
         resp = self.http.get("/v1/losses", params={"after": after, "limit": 10_000})
         return LossPage.model_validate_json(resp.content)
 
+    def export_model(self, run_id: str) -> str | None:
+        """The latest checkpoint as `<workdir>/model.safetensors` (the devnet's bucket dies with it)."""
+        from iota.export import ExportError, export_model
+
+        store = ObjectStore.from_settings(self.s3.settings(bucket=BUCKET))
+        out = self.workdir / "model.safetensors"
+        try:
+            export_model(store, run_id, out)
+        except ExportError as error:
+            print(f"could not export the model: {error}")
+            return None
+        return str(out)
+
     def merges(self) -> list[MergeRecord]:
         resp = self.http.get("/v1/merges", params={"limit": 1000})
         return [MergeRecord.model_validate(r) for r in resp.json()]
@@ -316,9 +331,11 @@ def run_devnet(
         except KeyboardInterrupt:
             pass
         duration = time.monotonic() - start
-        summary = summarize(options, net.status(), net.losses(), duration, len(behaviors))
+        status = net.status()
+        summary = summarize(options, status, net.losses(), duration, len(behaviors))
         summary["behaviors"] = dict(net.behaviors)
         summary["workdir"] = str(net.workdir)
+        summary["export"] = net.export_model(status.run_id) if status.merges_completed else None
         return summary
 
 

@@ -6,6 +6,8 @@ import json
 import os
 import pickle
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import lz4.frame
@@ -366,3 +368,23 @@ def test_content_hash() -> None:
     assert content_hash(GOOD) == hashlib.sha256(GOOD).hexdigest()
     assert len(content_hash(b"")) == 64
     assert content_hash(GOOD) != content_hash(GOOD[:-1] + bytes([GOOD[-1] ^ 1]))
+
+
+def test_equal_tensors_encode_to_equal_bytes_in_every_process() -> None:
+    """Reducers compare results by hash: safetensors' metadata order must not vary between processes."""
+    script = (
+        "import hashlib, torch; from common.codec import encode_tensors; "
+        "t = {'a': torch.arange(12.0).reshape(3, 4), 'b': torch.ones(5)}; "
+        "print(hashlib.sha256(encode_tensors(t, int8=True)).hexdigest())"
+    )
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[1],
+        ).stdout.strip()
+        for _ in range(4)
+    }
+    assert len(digests) == 1

@@ -305,3 +305,29 @@ def test_a_starving_stage_gets_a_miner_moved_to_it(tmp_path: Path) -> None:
     assert (moved.stage, moved.move_to, moved.session) == (1, None, 2)
     assert [e["miner"] for e in s.db.events("miner_moved")] == [move.hotkey]
     check_accounting(s)
+
+
+def test_a_paused_epoch_starts_no_sample_and_carries_running_ones_over_without_counting_them(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    s = make(tmp_path / "s.db", clock)  # max_attempts=2
+    head, body, tail = register_pipeline(s)
+    for h in (head, body, tail, body, head):  # one whole sample: one optimizer step per stage
+        s.next_item(s.miners[h])
+        finish(s, h)
+    assert [s.miners[h].epoch_steps for h in (head, body, tail)] == [1, 1, 1]
+
+    s.next_item(s.miners[head])
+    finish(s, head)  # sample 1 is now waiting for stage 1
+    s.paused = True
+    assert s.next_item(s.miners[head]) is None  # no new sample while the epoch drains
+    assert s.next_item(s.miners[body]) is not None  # but the running one goes on
+    for _ in range(3):  # carried over again and again: never dropped, never counted as a failure
+        assert s.carry_over("epoch ended") == 1
+        s.paused = False
+        s.next_item(s.miners[head])
+        s.paused = True
+    assert s.dropped == 0 and s.attempts_failed == 0 and s.in_flight() == 1
+    check_accounting(s)
+    assert s.db.count_events("attempt_carried_over") == 3
