@@ -100,7 +100,8 @@ class MergeParticipant:
             if weights.version != 0:
                 raise MergeFailed(f"version {weights.version} comes without a checkpoint")
             if self.version != -1 or trainer.steps:  # a fresh trainer already holds the seeded init
-                trainer.load_weights(build_stage(trainer.cfg, trainer.stage, weights.seed, "cpu").state_dict())
+                seeded = build_stage(trainer.cfg, trainer.stage, weights.seed, "cpu")
+                trainer.load_weights(seeded.state_dict())
             self.snapshot(0, None)
             return
         shapes = {name: tuple(t.shape) for name, t in self.like.items()}
