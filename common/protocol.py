@@ -231,7 +231,7 @@ class Ack(_Message):
 # ---------------------------------------------------------------------------------------------------------
 # Merging (see common.merge for the arithmetic and orchestrator.merging for the state machine)
 
-MergePhase = Literal["upload", "reduce", "apply", "abort"]
+MergePhase = Literal["upload", "reduce", "apply"]
 
 
 class PartitionSpan(_Message):
@@ -274,7 +274,9 @@ class MergeTask(_Message):
     - reduce: run the `reduce` jobs and upload each result.
     - apply: download the merged partitions, take the outer Nesterov step from the start-of-epoch weights
       to version `version + 1`, and report the digest of the new weights.
-    - abort: the merge could not complete; restore the start-of-epoch weights (version `version`).
+
+    A merge that cannot complete sends no task: its participants get a `reload` of the unchanged version,
+    which they serve from their own start-of-epoch copy.
     """
 
     epoch: int

@@ -258,10 +258,8 @@ class MinerWorker:
                     report = merger.upload(task)
                 elif task.phase == "reduce":
                     report = merger.reduce(task)
-                elif task.phase == "apply":
-                    report = merger.apply(task)
                 else:
-                    return
+                    report = merger.apply(task)
         except (MergeFailed, StorageError, TrainerError) as error:
             # Left out of this merge; the orchestrator has this miner reload the checkpoint afterwards.
             log.warning("could not do the %s phase of the merge: %s", task.phase, error)
