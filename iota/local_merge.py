@@ -11,22 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from common.model import ModelConfig
-from common.protocol import ArtifactRef, DownloadSource, MergeTask, UploadTarget
+from common.protocol import MergeTask
 from common.storage import ObjectStore
 from miner.merging import MergeParticipant
-from orchestrator.epochs import Links
+from orchestrator.epochs import StoreLinks
 from orchestrator.merge_jobs import run_finalize
 from orchestrator.merging import StageMerge, StoredCheckpoint
-
-
-def store_links(store: ObjectStore, expires_s: int = 900) -> Links:
-    def upload(key: str) -> UploadTarget:
-        return UploadTarget(key=key, url=store.presign_put(key, expires_s=expires_s), expires_in_s=expires_s)
-
-    def download(ref: ArtifactRef) -> DownloadSource:
-        return DownloadSource(key=ref.key, url=store.presign_get(ref.key), size=ref.size, sha256=ref.sha256)
-
-    return Links(upload, download)
 
 
 @dataclass
@@ -54,7 +44,7 @@ def run_local_merge(
     """Drive one merge to its end. `participants` maps hotkey to its replica; only those in `accepted`
     (hotkey -> optimizer steps) take part, as the orchestrator would choose them."""
     any_participant = next(iter(participants.values()))
-    links = store_links(store)
+    links = StoreLinks(store, upload_expires_s=900)
     merge = StageMerge.start(
         run_id=run_id,
         epoch=epoch,
@@ -98,4 +88,4 @@ def run_local_merge(
     return LocalMergeResult(merge=merge, wall_s=time.perf_counter() - started, orchestrator_s=finalize_s)
 
 
-__all__ = ["LocalMergeResult", "run_local_merge", "store_links"]
+__all__ = ["LocalMergeResult", "run_local_merge"]

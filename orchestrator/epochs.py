@@ -30,8 +30,16 @@ from common.protocol import (
     UploadReport,
     UploadTarget,
 )
+from common.storage import ObjectStore
 from orchestrator.db import Miner, StateDB
-from orchestrator.merging import FinalizeJob, FinalizeResult, MergeState, StageMerge, StoredCheckpoint
+from orchestrator.merging import (
+    FinalizeJob,
+    FinalizeResult,
+    Links,
+    MergeState,
+    StageMerge,
+    StoredCheckpoint,
+)
 from orchestrator.scheduler import Scheduler, SchedulerError
 from orchestrator.settings import OrchestratorSettings
 
@@ -49,15 +57,20 @@ class EpochState(BaseModel):
     completed_at_start: int = 0
 
 
-class Links:
-    """Presigning, bound to the orchestrator's store (the `merging.Links` protocol)."""
+class StoreLinks:
+    """Presigned URLs on the run's bucket in the protocol's forms (what `merging.Links` asks for)."""
 
-    def __init__(
-        self,
-        upload_target: Callable[[str], UploadTarget],
-        download_source: Callable[[ArtifactRef], DownloadSource],
-    ) -> None:
-        self.upload_target, self.download_source = upload_target, download_source
+    def __init__(self, store: ObjectStore, *, upload_expires_s: int) -> None:
+        self.store, self.upload_expires_s = store, upload_expires_s
+
+    def upload_target(self, key: str) -> UploadTarget:
+        expiry = self.upload_expires_s
+        return UploadTarget(key=key, url=self.store.presign_put(key, expires_s=expiry), expires_in_s=expiry)
+
+    def download_source(self, ref: ArtifactRef) -> DownloadSource:
+        return DownloadSource(
+            key=ref.key, url=self.store.presign_get(ref.key), size=ref.size, sha256=ref.sha256
+        )
 
 
 class EpochClock:

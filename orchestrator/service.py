@@ -21,16 +21,14 @@ from common.protocol import (
     ArtifactRef,
     CheckpointManifest,
     DataSpec,
-    DownloadSource,
     StageCheckpoint,
     TrainingSpec,
-    UploadTarget,
     WorkItem,
     manifest_key,
 )
 from common.storage import ObjectStore, StorageError
 from orchestrator.db import Item, StateDB
-from orchestrator.epochs import EpochClock, Links
+from orchestrator.epochs import EpochClock, StoreLinks
 from orchestrator.merge_jobs import run_finalize
 from orchestrator.merging import FinalizeJob, FinalizeResult, StoredCheckpoint
 from orchestrator.scheduler import Scheduler, SchedulerError
@@ -188,6 +186,8 @@ class Orchestrator:
             clock=clock,
             notify=self.wakeups.notify,
         )
+        # Upload URLs outlive an item's deadline, so a slow but honest upload still lands.
+        self.links = StoreLinks(store, upload_expires_s=max(60, int(settings.item_timeout_s * 2)))
         self.epochs = EpochClock(
             db,
             self.scheduler,
@@ -195,7 +195,7 @@ class Orchestrator:
             n_stages=spec.model.n_stages,
             stage_numel=[s.parameters for s in stage_sizes(spec.model)],
             seed=spec.seed,
-            links=Links(self.upload_target, self.download_source),
+            links=self.links,
             clock=clock,
             notify=self.wakeups.notify,
             collect=self.collect,
@@ -247,10 +247,10 @@ class Orchestrator:
     # -- wire forms ---------------------------------------------------------------------------------------
 
     def work_item(self, it: Item) -> WorkItem:
-        source = None if it.input is None else self.download_source(it.input)
+        source = None if it.input is None else self.links.download_source(it.input)
         target = None
         if it.output_key is not None:
-            target = self.upload_target(it.output_key)
+            target = self.links.upload_target(it.output_key)
         return WorkItem(
             item_id=it.item_id,
             kind=it.kind,
@@ -263,15 +263,6 @@ class Orchestrator:
             output=target,
             deadline_in_s=max(0.0, it.deadline - self.clock()),
         )
-
-    def download_source(self, ref: ArtifactRef) -> DownloadSource:
-        return DownloadSource(
-            key=ref.key, url=self.store.presign_get(ref.key), size=ref.size, sha256=ref.sha256
-        )
-
-    def upload_target(self, key: str) -> UploadTarget:
-        expiry = max(60, int(self.settings.item_timeout_s * 2))
-        return UploadTarget(key=key, url=self.store.presign_put(key, expires_s=expiry), expires_in_s=expiry)
 
     # -- checking an upload before accepting it ---------------------------------------------------------
 

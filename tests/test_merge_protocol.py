@@ -14,10 +14,11 @@ from common.merge import flatten, nesterov_step, robust_weighted_mean, weights_d
 from common.model import get_preset
 from common.protocol import Checkpoint, GlobalWeights
 from common.storage import ObjectStore
-from iota.local_merge import run_local_merge, store_links
+from iota.local_merge import run_local_merge
 from miner.behaviors import BehaviorPolicy
 from miner.merging import MergeParticipant
 from miner.trainer import StageTrainer
+from orchestrator.epochs import StoreLinks
 from orchestrator.merge_jobs import run_finalize
 from orchestrator.merging import StageMerge, StoredCheckpoint
 from orchestrator.settings import OrchestratorSettings, training_spec
@@ -161,7 +162,7 @@ def test_two_merges_in_a_row_carry_the_outer_momentum_and_a_new_replica_joins_fr
     assert momentum is not None and not torch.equal(momentum, next(iter(parts.values())).momentum)  # type: ignore[arg-type]
 
     # A replica that joins now loads the checkpoint: the same weights and outer momentum as the others.
-    links = store_links(store)
+    links = StoreLinks(store, upload_expires_s=900)
     c2 = second.state.checkpoint
     newcomer = MergeParticipant(StageTrainer(CFG, STAGE, SPEC, seed=SEED), SPEC, hotkey="5late", http=http)
     newcomer.load(
@@ -195,7 +196,7 @@ def drive(
     previous: StoredCheckpoint | None = None,
 ) -> None:
     """Run the merge phase by phase with only the replicas not in `silent` answering."""
-    links = store_links(store)
+    links = StoreLinks(store, upload_expires_s=900)
     for _ in range(20):
         if merge.finished:
             return
@@ -227,7 +228,7 @@ def start(parts: dict[str, MergeParticipant], clock: FakeClock, epoch: int) -> S
 
 
 def upload_all(merge: StageMerge, parts: dict[str, MergeParticipant], store: ObjectStore) -> None:
-    links = store_links(store)
+    links = StoreLinks(store, upload_expires_s=900)
     for h, p in sorted(parts.items()):
         task = merge.task_for(h, links)
         assert task is not None and task.phase == "upload"

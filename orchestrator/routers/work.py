@@ -87,4 +87,4 @@ async def presign(req: Signed, orch: Orch) -> UploadTarget:
     body = parse(PresignRequest, req)
     miner = orch.scheduler.session_miner(req.hotkey, body.run_id, body.session)
     orch.scheduler.may_upload(miner, body.key)
-    return orch.upload_target(body.key)
+    return orch.links.upload_target(body.key)
