@@ -27,6 +27,7 @@ from tenacity import (
     wait_random,
 )
 
+from common.codec import content_hash
 from common.config import S3Settings
 
 T = TypeVar("T")
@@ -256,6 +257,12 @@ class ObjectStore:
         finally:
             body.close()
         return data if len(data) == size else None
+
+    def get_verified(self, key: str, size: int, sha256: str) -> bytes | None:
+        """The object if it is exactly what its producer announced (size and sha256), else None: the bucket
+        is shared and a presigned PUT cannot pin the content, so what a reader trusts it checks itself."""
+        data = self.get_exact(key, size)
+        return data if data is not None and content_hash(data) == sha256 else None
 
     def put_bytes(self, key: str, data: bytes) -> str:
         """Store `data` under `key`; returns the ETag."""

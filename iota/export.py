@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from common.codec import CodecError, content_hash
+from common.codec import CodecError
 from common.data import Tokenizer
 from common.merge import decode_state, state_limit
 from common.model import ModelConfig
@@ -84,15 +84,14 @@ def fetch_stage_weights(
             f"checkpoint object {ref.key} claims {ref.size} bytes, more than the stage can take"
         )
     try:
-        data = store.get_exact(ref.key, ref.size)
+        data = store.get_verified(ref.key, ref.size, ref.sha256)
     except StorageError as error:
         raise ExportError(f"cannot read checkpoint object {ref.key}: {error}") from error
     if data is None:
         raise ExportError(
-            f"checkpoint object {ref.key} is missing or not {ref.size} bytes as the manifest says"
+            f"checkpoint object {ref.key} is missing, or not the {ref.size} bytes and sha256 that the "
+            "manifest recorded"
         )
-    if content_hash(data) != ref.sha256:
-        raise ExportError(f"checkpoint object {ref.key} does not match the sha256 the manifest recorded")
     try:
         return decode_state(data, shapes)
     except CodecError as error:

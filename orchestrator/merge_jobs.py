@@ -31,8 +31,8 @@ RTOL, ATOL = 1e-5, 1e-8
 def fetch_slice(store: ObjectStore, ref: ArtifactRef, numel: int) -> torch.Tensor | None:
     """The slice behind `ref`, or None if the object is missing, is not what `ref` says, or is not a
     finite fp32 vector of `numel` values."""
-    data = store.get_exact(ref.key, ref.size)
-    if data is None or content_hash(data) != ref.sha256:
+    data = store.get_verified(ref.key, ref.size, ref.sha256)
+    if data is None:
         return None
     try:
         return decode_slice(data, numel)
@@ -51,8 +51,8 @@ def load_checkpoint(
     """A stored checkpoint's weights and momentum, checked against its hashes and the stage's shapes."""
     out = []
     for ref in (ckpt.weights, ckpt.momentum):
-        data = store.get_exact(ref.key, ref.size)
-        if data is None or content_hash(data) != ref.sha256:
+        data = store.get_verified(ref.key, ref.size, ref.sha256)
+        if data is None:
             raise RuntimeError(f"checkpoint object {ref.key} is missing or not what was stored")
         out.append(decode_state(data, shapes))
     return out[0], out[1]
