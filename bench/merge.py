@@ -74,6 +74,7 @@ def inner_step(trainer: StageTrainer, gen: torch.Generator, batch: int, seq: int
     if trainer.module.is_tail:
         x = torch.randn(batch, seq, cfg.bottleneck_dim, generator=gen)
         trainer.tail_step(x, torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen))
+        trainer.commit()
         return
     if trainer.module.is_head:
         x = torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen)
@@ -81,6 +82,7 @@ def inner_step(trainer: StageTrainer, gen: torch.Generator, batch: int, seq: int
         x = torch.randn(batch, seq, cfg.bottleneck_dim, generator=gen)
     out = trainer.forward("bench", x)
     trainer.backward("bench", torch.randn(out.shape, generator=gen))
+    trainer.commit()
 
 
 def replicas(

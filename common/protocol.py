@@ -131,6 +131,9 @@ class RegisterRequest(_Message):
     device: str = Field(max_length=64, description="`cpu`, `cuda` or `cuda:N`.")
     gpu_memory_gb: float | None = Field(None, ge=0, le=1e5)
     corpus_fingerprint: str = Field(max_length=128, description="The miner's local corpus, checked.")
+    preferred_stage: int | None = Field(
+        None, ge=0, le=4096, description="Stage to join if this hotkey is new to the run; None: balanced."
+    )
 
 
 class RegisterResponse(_Message):
@@ -340,6 +343,9 @@ class MergeRecord(_Message):
     flagged: list[MergeFlag]
     partitions: int
     settled: int = Field(description="Partitions the orchestrator recomputed (disagreement or no reducer).")
+    reduced: dict[str, int] = Field(
+        default_factory=dict, description="Hotkey to the partitions it reduced whose result the merge used."
+    )
     weights_sha256: str | None
     started_at: float
     finished_at: float
@@ -368,6 +374,125 @@ class CheckpointManifest(_Message):
 
 def manifest_key(run_id: str) -> str:
     return f"runs/{run_id}/checkpoints/manifest.json"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation (see validator/ for the replay, CLASP and scoring)
+
+ReplayKind = Literal["forward", "backward", "tail"]
+CheckKind = Literal["forward", "backward", "tail_grad", "loss", "pseudo_gradient", "steps"]
+
+
+class ValidatorRegisterRequest(_Message):
+    """A validator announcing itself; the hotkey that signed it needs a validator permit and stake."""
+
+    device: str = Field(max_length=64)
+    corpus_fingerprint: str = Field(max_length=128)
+
+
+class ValidatorRegisterResponse(_Message):
+    run_id: str
+    model: dict[str, Any] = Field(description="`ModelConfig.to_dict()` of the run's model.")
+    data: DataSpec
+    training: TrainingSpec
+    seed: int
+    poll_wait_s: float
+
+
+class ReplayOp(_Message):
+    """One accepted item of the shadowed miner, in the order the miner completed them.
+
+    - forward: `input` is the activation it received (None at the head: `samples` names the tokens);
+      `output` is what it uploaded. `backward_follows` says whether its backward comes later in the list
+      (otherwise the miner dropped its saved state when the attempt was cancelled).
+    - tail: the last stage's forward+loss+backward: `input` activation, `samples` tokens, `loss` reported,
+      `output` the gradient it uploaded. One optimizer step.
+    - backward: `input` is the gradient it received for `forward_item`; `output` the gradient it uploaded
+      (None at the head). One optimizer step.
+    """
+
+    item_id: str
+    kind: ReplayKind
+    forward_item: str | None = None
+    samples: list[SampleId] | None = None
+    input: DownloadSource | None = None
+    output: DownloadSource | None = None
+    loss: float | None = None
+    backward_follows: bool = False
+
+
+class ValidationTask(_Message):
+    """Replay one miner's epoch: from the stage's start-of-epoch global weights and a fresh inner AdamW,
+    every op in order, then compare the pseudo-gradient it uploaded for the merge (if it uploaded one)."""
+
+    task_id: str
+    epoch: int
+    stage: int
+    miner: str
+    device: str = Field(description="The device the miner registered with (cpu, cuda).")
+    weights: GlobalWeights
+    ops: list[ReplayOp]
+    partitions: list[PartitionSpan] = Field(default_factory=list)
+    pseudo_gradient: list[DownloadSource] = Field(default_factory=list)
+    claimed_steps: int | None = None
+    deadline_in_s: float
+
+
+class ValidatorTaskRequest(_Message):
+    run_id: str = Field(max_length=64)
+    wait_s: float = Field(0.0, ge=0, le=60)
+
+
+class ValidatorTaskResponse(_Message):
+    task: ValidationTask | None = None
+
+
+class ReplayVerdict(_Message):
+    """What a replay found. `worst` holds the largest error of each kind of check (relative L2 error for
+    tensors, absolute difference for losses, count difference for steps)."""
+
+    passed: bool
+    ops: int = Field(ge=0, description="Ops replayed.")
+    checks: int = Field(ge=0, description="Comparisons made.")
+    worst: dict[CheckKind, FiniteFloat] = Field(default_factory=dict)
+    failure: str | None = Field(None, max_length=MAX_REASON_CHARS)
+    replay_s: FiniteFloat = Field(0.0, ge=0)
+
+
+class VerdictRequest(_Message):
+    run_id: str = Field(max_length=64)
+    task_id: str = Field(max_length=128)
+    verdict: ReplayVerdict
+
+
+class MinerEpochWork(_Message):
+    """One miner's accepted work in one epoch, as the orchestrator recorded it."""
+
+    hotkey: str
+    stage: int
+    items: int = Field(description="Forward and backward items accepted.")
+    partitions: int = Field(description="Partitions it reduced whose result the merge used.")
+    merged: bool = Field(description="Its pseudo-gradient entered the merge.")
+    flags: list[str] = Field(description="Why the merge flagged it (wrong partition, wrong weights, ...).")
+
+
+class VerdictRecord(_Message):
+    task_id: str
+    validator: str
+    miner: str
+    epoch: int
+    stage: int
+    verdict: ReplayVerdict
+    at: float
+
+
+class EpochLedger(_Message):
+    """Everything scores are computed from, per finished epoch; public so that anyone can audit weights."""
+
+    epoch: int
+    finished_at: float
+    miners: list[MinerEpochWork]
+    verdicts: list[VerdictRecord]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -409,6 +534,9 @@ class RunStatus(_Message):
     epoch_phase: Literal["training", "draining", "merging"]
     merges_completed: int
     merges_rolled_back: int
+    validations: dict[str, int] = Field(
+        default_factory=dict, description="Replay tasks by status: queued, leased, passed, failed, ..."
+    )
     stages: list[StageStatus]
     miners: list[MinerStatus]
 

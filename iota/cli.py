@@ -152,6 +152,38 @@ def run_miner(
     MinerWorker(settings, keypair).run(stop)
 
 
+@app.command("validator")
+def run_validator(
+    orchestrator_url: str = typer.Option(None, help="Orchestrator URL (IOTA_VALIDATOR_ORCHESTRATOR_URL)."),
+    json_logs: bool = _JSON_LOGS,
+    log_level: str = _LOG_LEVEL,
+) -> None:
+    """Run a validator: replay shadowed miners' work, score them with CLASP, and set weights."""
+    import signal
+    import threading
+
+    from common.chain import ChainError, make_chain
+    from common.config import ChainSettings, WalletSettings
+    from common.keys import WalletError, load_hotkey
+    from validator.daemon import ValidatorDaemon
+    from validator.settings import ValidatorSettings
+
+    _log_options(json_logs, log_level, "validator")
+    overrides = {"orchestrator_url": orchestrator_url}
+    settings = ValidatorSettings(**{k: v for k, v in overrides.items() if v is not None})
+    wallet = WalletSettings()
+    try:
+        keypair = load_hotkey(wallet)
+        chain = make_chain(ChainSettings(), wallet)
+    except (WalletError, ChainError) as error:
+        console.print(f"[red]cannot start the validator:[/red] {error}")
+        raise typer.Exit(2) from None
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    ValidatorDaemon(settings, keypair, chain).run(stop)
+
+
 _DEFAULT_SUMMARY = Path("devnet-summary.json")
 
 
@@ -165,13 +197,27 @@ def run_devnet_command(
     batch_size: int = typer.Option(8, help="Sequences per sample."),
     seq_len: int = typer.Option(256, help="Tokens per sequence."),
     merge_every: int = typer.Option(64, help="Merge the replicas of each stage every N samples (0: never)."),
+    validators: int = typer.Option(1, help="Validators replaying miners' work and setting weights."),
+    adversaries: str = typer.Option(
+        "", help="Extra misbehaving miners, e.g. `random-output:1,scaled-output:1,wrong-loss:1`."
+    ),
+    validation_fraction: float = typer.Option(
+        0.25, min=0.0, max=1.0, help="Chance that a miner's epoch is replayed by a validator."
+    ),
+    burn: float = typer.Option(0.0, min=0.0, max=1.0, help="Share of the weights set on the owner's uid 0."),
     summary: Path = typer.Option(_DEFAULT_SUMMARY, "--summary", help="Where to write the JSON."),
     workdir: Path = typer.Option(None, help="Keep state and logs here (default: a new temp folder)."),
 ) -> None:
-    """Run the whole network on this machine: S3, chain, orchestrator and miners, with live progress."""
+    """Run the whole network on this machine: S3, chain, orchestrator, miners and validators, with live
+    progress."""
     from rich.live import Live
 
-    from iota.devnet import DevnetOptions, run_devnet, write_summary
+    from iota.devnet import DevnetOptions, parse_adversaries, run_devnet, write_summary
+
+    try:
+        behaviors = parse_adversaries(adversaries)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--adversaries") from None
 
     options = DevnetOptions(
         preset=preset,
@@ -183,10 +229,15 @@ def run_devnet_command(
         duration_s=None if samples and duration is None else (duration or 120.0),
         samples=samples,
         workdir=workdir,
+        behaviors=behaviors,
+        validators=validators,
+        validation_fraction=validation_fraction,
+        burn_fraction=burn,
     )
     console.print(
-        f"[bold]iota devnet[/bold]: preset {preset}, {miners_per_stage} miner(s) per stage; "
-        "starting S3, chain, orchestrator and miners..."
+        f"[bold]iota devnet[/bold]: preset {preset}, {miners_per_stage} miner(s) per stage, "
+        f"{len(behaviors)} adversaries, {validators} validator(s); starting S3, chain, orchestrator, miners "
+        "and validators..."
     )
     with Live(console=console, refresh_per_second=2, transient=False) as live:
 
@@ -208,6 +259,17 @@ def run_devnet_command(
         f"{result['merges_completed']} stage merges. "
         f"Summary: {summary}  Logs: {result['workdir']}/logs"
     )
+    if "weights" in result:
+        table = Table("hotkey", "behavior", "weight")
+        for hotkey, weight in sorted(result["weights"].items(), key=lambda kv: -kv[1]):
+            behavior = "owner (burn)" if hotkey == result["owner"] else result["behaviors"].get(hotkey, "-")
+            table.add_row(hotkey[:12], behavior, f"{weight:.4f}")
+        console.print(table)
+        v = result["validation"]
+        console.print(
+            f"replays: {v['replays']} judged, {len(v['replays_failed'])} failed, "
+            f"{v['false_positives']} false positives"
+        )
     if result["export"]:
         console.print(
             f"the merged model: {result['export']}; try "

@@ -1,7 +1,8 @@
 """`iota devnet`: the whole network on loopback, in one command.
 
-An embedded S3 server (in this process), a local chain with fresh hotkeys, the orchestrator and N miners
-per stage (each its own process, talking real HTTP), live progress, and a summary JSON at the end. The
+An embedded S3 server (in this process), a local chain with fresh hotkeys (uid 0 is the subnet owner, who
+receives the burn), the orchestrator, N miners per stage, extra misbehaving miners, and validators (each
+its own process, talking real HTTP), live progress, and a summary JSON at the end. The
 `Devnet` class is also what the end-to-end tests and `bench/pipeline.py` drive, so they exercise exactly
 what a user runs.
 """
@@ -27,7 +28,7 @@ import httpx
 from common.chain import LocalChain
 from common.keys import create_hotkey
 from common.model import get_preset
-from common.protocol import LossPage, LossRecord, MergeRecord, RunStatus
+from common.protocol import EpochLedger, LossPage, LossRecord, MergeRecord, RunStatus
 from common.s3server import EmbeddedS3
 from common.storage import ObjectStore
 
@@ -51,6 +52,29 @@ class DevnetOptions:
     extra_env: dict[str, str] = field(default_factory=dict)
     snapshots: bool = False  # miners save their stage's weights to logs/<name>.safetensors on exit
     merge_every: int = 64  # samples per epoch; 0: never merge
+    validators: int = 1
+    validation_fraction: float = 0.25  # chance that a miner's epoch is replayed
+    burn_fraction: float = 0.0  # share of the weights validators set on the owner's uid 0
+    weights_interval_s: float = 5.0
+
+
+# A tail that lies about its loss only lies at the tail; the devnet puts it there.
+_BEHAVIOR_STAGE = {"wrong-loss": -1}
+
+
+def parse_adversaries(spec: str) -> list[str]:
+    """`random-output:1,scaled-output:2` -> one behaviour per extra miner."""
+    from miner.behaviors import BEHAVIORS
+
+    behaviors: list[str] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, count = part.partition(":")
+        if name not in BEHAVIORS or name == "honest":
+            raise ValueError(f"unknown misbehaviour '{name}'; choose from {', '.join(BEHAVIORS[1:])}")
+        if count and not count.isdigit():
+            raise ValueError(f"'{part}': the count after ':' must be a whole number")
+        behaviors += [name] * int(count or 1)
+    return behaviors
 
 
 def _free_port() -> int:
@@ -73,8 +97,11 @@ class Devnet:
         self.url = f"http://127.0.0.1:{self.port}"
         self.orchestrator: subprocess.Popen[bytes] | None = None
         self.miners: dict[str, subprocess.Popen[bytes]] = {}  # hotkey name -> process
+        self.validators: dict[str, subprocess.Popen[bytes]] = {}
         self.hotkeys: dict[str, str] = {}  # hotkey name -> ss58
         self.behaviors: dict[str, str] = {}  # ss58 -> behavior
+        self.stages: dict[str, int] = {}  # hotkey name -> the stage it asks for
+        self.owner = ""
         self.http = httpx.Client(base_url=self.url, timeout=10.0)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
@@ -87,8 +114,13 @@ class Devnet:
         self.stop()
 
     def stop(self) -> None:
-        """Miners first (each finishes its item, reports it and writes its files), then the orchestrator."""
-        groups = [list(self.miners.values()), [self.orchestrator] if self.orchestrator else []]
+        """Miners first (each finishes its item, reports it and writes its files), then validators, then
+        the orchestrator."""
+        groups = [
+            list(self.miners.values()),
+            list(self.validators.values()),
+            [self.orchestrator] if self.orchestrator else [],
+        ]
         for procs in groups:
             for proc in procs:
                 if proc.poll() is None:
@@ -129,6 +161,9 @@ class Devnet:
             IOTA_ORCH_EPOCH_MAX_S="0",
             IOTA_ORCH_DRAIN_TIMEOUT_S="20",
             IOTA_ORCH_MERGE_PHASE_TIMEOUT_S="20",
+            IOTA_ORCH_VALIDATION_FRACTION=str(o.validation_fraction),
+            IOTA_ORCH_VALIDATION_RETENTION_S="900",
+            IOTA_ORCH_VALIDATION_LEASE_S="120",
             IOTA_MINER_ORCHESTRATOR_URL=self.url,
             IOTA_MINER_POLL_WAIT_S="2",
             IOTA_MINER_DEVICE="cpu",
@@ -172,23 +207,55 @@ class Devnet:
         raise TimeoutError(f"the orchestrator did not become healthy within {timeout_s} s")
 
     def launch(self, behaviors: list[str], threads: int, timeout_s: float = 120.0) -> None:
-        """Start the orchestrator and one miner per behaviour, and wait until every miner is active."""
+        """Start the orchestrator, one miner per behaviour and the validators, and wait until every miner
+        is active."""
+        self.owner = create_hotkey(WALLET, "owner", self.workdir / "wallets").ss58_address
+        self.chain.register(self.owner)  # uid 0: the subnet owner, who receives the burn
         self.start_orchestrator()
+        n_stages = self.options.stages or get_preset(self.options.preset).n_stages
         for behavior in behaviors:
-            self.add_miner(behavior, threads)
+            stage = _BEHAVIOR_STAGE.get(behavior)
+            self.add_miner(behavior, threads, stage=None if stage is None else stage % n_stages)
+        for _ in range(self.options.validators):
+            self.add_validator(threads)
         self.wait_for(lambda s: sum(m.state == "active" for m in s.miners) >= len(behaviors), timeout_s)
+
+    def add_validator(self, threads: int = 1) -> str:
+        """A hotkey with a validator permit and stake, and a validator process signing with it."""
+        name = f"validator{len(self.validators)}"
+        keypair = create_hotkey(WALLET, name, self.workdir / "wallets")
+        self.chain.register(keypair.ss58_address, stake=1000.0, validator_permit=True)
+        env = self.env(
+            IOTA_WALLET_HOTKEY=name,
+            IOTA_VALIDATOR_ORCHESTRATOR_URL=self.url,
+            IOTA_VALIDATOR_DEVICE="cpu",
+            IOTA_VALIDATOR_POLL_WAIT_S="2",
+            IOTA_VALIDATOR_TORCH_THREADS=str(threads),
+            IOTA_VALIDATOR_WEIGHTS_INTERVAL_S=str(self.options.weights_interval_s),
+            IOTA_VALIDATOR_BURN_FRACTION=str(self.options.burn_fraction),
+            IOTA_VALIDATOR_BURN_UID="0",
+            IOTA_VALIDATOR_REPORT_FILE=str(self.report_path(name)),
+        )
+        self.validators[name] = self._spawn(name, ["validator"], env)
+        return name
+
+    def report_path(self, name: str) -> Path:
+        return self.workdir / "logs" / f"{name}.report.json"
 
     def kill_orchestrator(self) -> None:
         assert self.orchestrator is not None
         self.orchestrator.send_signal(signal.SIGKILL)
         self.orchestrator.wait()
 
-    def add_miner(self, behavior: str = "honest", threads: int = 1) -> str:
-        """Create and register a hotkey, start a miner process with it; returns its hotkey name."""
+    def add_miner(self, behavior: str = "honest", threads: int = 1, stage: int | None = None) -> str:
+        """Create and register a hotkey, start a miner process with it (asking for `stage`, if given);
+        returns its hotkey name."""
         name = f"miner{len(self.miners)}"
         keypair = create_hotkey(WALLET, name, self.workdir / "wallets")
         self.chain.register(keypair.ss58_address)
         self.hotkeys[name], self.behaviors[keypair.ss58_address] = keypair.ss58_address, behavior
+        if stage is not None:
+            self.stages[name] = stage
         self._start_miner(name, behavior, threads)
         return name
 
@@ -203,6 +270,7 @@ class Devnet:
             IOTA_MINER_TORCH_THREADS=str(threads),
             IOTA_MINER_TIMINGS_FILE=str(self.workdir / "logs" / f"{name}.timings.json"),
             IOTA_MINER_SNAPSHOT_FILE=str(self.snapshot_path(name)) if self.options.snapshots else "",
+            IOTA_MINER_STAGE=str(self.stages.get(name, "")),
         )
         self.miners[name] = self._spawn(name, ["miner"], env)
 
@@ -213,6 +281,62 @@ class Devnet:
         """SIGTERM, the way an operator stops it: the miner finishes its item and writes its files."""
         self.miners[name].send_signal(signal.SIGTERM)
         self.miners[name].wait(timeout_s)
+
+    def stop_miners(self, timeout_s: float = 30.0) -> None:
+        for proc in self.miners.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.miners.values():
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def finish_validation(self, timeout_s: float = 180.0) -> bool:
+        """Wait until every replay task is judged (or expired), then for each validator's next round of
+        weights; False if that took longer than `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            counts = self.status().validations
+            if not counts.get("queued", 0) + counts.get("leased", 0):
+                break
+            time.sleep(1.0)
+        else:
+            return False
+        mark = time.time()
+        while time.monotonic() < deadline:
+            rounds = [self.validator_report(name) for name in self.validators]
+            if all(r is not None and r["at"] > mark for r in rounds):
+                return True
+            time.sleep(0.5)
+        return False
+
+    def validator_report(self, name: str) -> dict[str, Any] | None:
+        try:
+            report: dict[str, Any] = json.loads(self.report_path(name).read_text())
+        except (OSError, ValueError):
+            return None
+        return report
+
+    def chain_weights(self) -> dict[str, float]:
+        """Hotkey -> weight: every validator's latest weights on the local chain, averaged by stake (as
+        Yuma consensus weighs validators), summing to 1."""
+        metagraph = self.chain.metagraph()
+        combined: dict[int, float] = {}
+        total = 0.0
+        for validator_uid, weights in self.chain.weights().items():
+            neuron = metagraph.by_uid(validator_uid)
+            stake = neuron.stake if neuron else 0.0
+            total += stake
+            for uid, weight in weights.items():
+                combined[uid] = combined.get(uid, 0.0) + stake * weight
+        hotkeys = {n.uid: n.hotkey for n in metagraph.neurons}
+        return {hotkeys[uid]: w / total for uid, w in sorted(combined.items()) if uid in hotkeys and total}
+
+    def ledger(self) -> list[EpochLedger]:
+        resp = self.http.get("/v1/ledger", params={"limit": 1000})
+        return [EpochLedger.model_validate(e) for e in resp.json()]
 
     def kill_miner(self, name: str) -> None:
         self.miners[name].send_signal(signal.SIGKILL)
@@ -299,6 +423,29 @@ def summarize(
     }
 
 
+def validation_summary(net: Devnet, finished: bool) -> dict[str, Any]:
+    """Weights per hotkey, what the replays found, and how many honest miners were wrongly failed."""
+    verdicts = [v for epoch in net.ledger() for v in epoch.verdicts]
+    failed = [v for v in verdicts if not v.verdict.passed]
+    honest = {h for h, b in net.behaviors.items() if b == "honest"}
+    reports = {name: net.validator_report(name) for name in net.validators}
+    penalized = sorted({h for r in reports.values() if r for h, s in r["scores"].items() if s["penalized"]})
+    return {
+        "weights": net.chain_weights(),
+        "owner": net.owner,
+        "validation": {
+            "finished": finished,
+            "tasks": net.status().validations,
+            "replays": len(verdicts),
+            "replays_failed": {v.miner: v.verdict.failure for v in failed},
+            "false_positives": sum(v.miner in honest for v in failed),
+            "penalized": penalized,
+            "honest_penalized": sorted(set(penalized) & honest),
+            "clasp_flagged": sorted({h for r in reports.values() if r for h in r["clasp_flagged"]}),
+        },
+    }
+
+
 def default_threads(total_miners: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, total_miners))
 
@@ -332,8 +479,11 @@ def run_devnet(
             pass
         duration = time.monotonic() - start
         status = net.status()
+        net.stop_miners()
         summary = summarize(options, status, net.losses(), duration, len(behaviors))
         summary["behaviors"] = dict(net.behaviors)
+        if options.validators:
+            summary.update(validation_summary(net, net.finish_validation()))
         summary["workdir"] = str(net.workdir)
         summary["export"] = net.export_model(status.run_id) if status.merges_completed else None
         return summary

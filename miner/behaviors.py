@@ -13,6 +13,8 @@ separate attack.
 - `copy-input`: body stages send their input as their output (the boundary shapes match); the head, whose
   input is tokens, sends zeros; the tail, which has no output to fake, sends a zero input gradient.
   Backward at the head and body is honest.
+- `wrong-loss`: trains honestly, but the tail reports half the loss it computed (a lie that makes its
+  pathways look good and the training look healthier than it is); elsewhere it is honest.
 - `wrong-reduce`: trains honestly, but as a reducer in a merge uploads a wrong mean (scaled and shifted),
   the cheap lie of a reducer that skips the work or wants to steer the model.
 """
@@ -24,7 +26,9 @@ from typing import Literal, get_args
 
 import torch
 
-Behavior = Literal["honest", "random-output", "zero-grad", "scaled-output", "copy-input", "wrong-reduce"]
+Behavior = Literal[
+    "honest", "random-output", "zero-grad", "scaled-output", "copy-input", "wrong-loss", "wrong-reduce"
+]
 BEHAVIORS: tuple[Behavior, ...] = get_args(Behavior)
 SCALE = 4.0
 
@@ -63,6 +67,10 @@ class BehaviorPolicy:
         if self.behavior == "zero-grad" or (tail and self.behavior == "copy-input"):
             return torch.zeros_like(grad)
         return grad
+
+    def reported_loss(self, loss: float) -> float:
+        """The loss the tail reports instead of `loss`, the one it computed."""
+        return loss * 0.5 if self.behavior == "wrong-loss" else loss
 
     def reduced(self, values: torch.Tensor) -> torch.Tensor:
         """What to upload instead of `values`, the honest mean of a partition this miner reduced."""

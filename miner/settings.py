@@ -28,6 +28,12 @@ class MinerSettings(BaseSettings):
     snapshot_file: Path | None = Field(
         None, description="Write this stage's current weights (safetensors) to this file when stopping."
     )
+    stage: int | None = Field(
+        None,
+        ge=0,
+        description="Stage to ask for when first joining (say, the smallest that fits your GPU); empty lets"
+        " the orchestrator balance. It may still move you later to a starving stage.",
+    )
     behavior: Behavior = Field(
         "honest", description="Deliberate misbehaviour, for tests and the devnet only. Keep `honest`."
     )

@@ -48,6 +48,11 @@ class StageTrainer:
     A backward therefore uses exactly the weights of its forward. All forwards made between two steps share
     one clone, and a clone is freed when no outstanding forward uses it, so at most `max_outstanding` copies
     of the weights are alive (none when nothing is outstanding).
+
+    A backward (or the tail's step) leaves its gradients pending: `commit` takes the optimizer step once the
+    orchestrator has accepted the item, and `discard` drops them if it did not. So the miner's weights
+    follow exactly the sequence of steps the orchestrator recorded, which is what lets a validator replay
+    them (`validator.replay`) from the start-of-epoch weights and a fresh AdamW.
     """
 
     def __init__(
@@ -59,13 +64,17 @@ class StageTrainer:
         seed: int,
         device: str | torch.device = "cpu",
         behavior: Behavior = "honest",
+        autocast: bool | None = None,
     ) -> None:
         self.cfg, self.stage, self.training = cfg, stage, training
         self.device = torch.device(device)
+        # bf16 autocast: on CUDA by default; forced on or off to measure replay tolerances.
+        self.autocast = self.device.type == "cuda" if autocast is None else autocast
         self.module: PipelineStage = build_stage(cfg, stage, seed, self.device)
         self.policy = BehaviorPolicy(behavior)
         self.optimizer = self._new_optimizer()
         self.steps = 0
+        self.pending = False  # gradients of an uncommitted backward sit in the parameters' .grad
         self._saved: dict[str, _Saved] = {}
         self._stash: dict[str, torch.Tensor] | None = None  # the current version's clone, if taken
 
@@ -101,7 +110,8 @@ class StageTrainer:
         return self.policy.forward_output(item_id, x, _to_cpu(out))
 
     def backward(self, item_id: str, grad: torch.Tensor) -> torch.Tensor | None:
-        """d loss / d output -> one optimizer step, and d loss / d input (fp32 CPU; None at the head)."""
+        """d loss / d output -> d loss / d input (fp32 CPU; None at the head), with the step pending."""
+        self._no_pending()
         saved = self._saved.get(item_id)
         if saved is None:
             raise TrainerError(f"no outstanding forward for item {item_id}")
@@ -118,11 +128,13 @@ class StageTrainer:
         grads = torch.autograd.grad(saved.out, inputs, grad, allow_unused=True)
         for p, g in zip(self.module.parameters(), grads[: len(params)], strict=True):
             p.grad = g
-        self._step()
+        self.pending = True
         return None if saved.x is None else self.policy.input_grad(_to_cpu(grads[-1]), tail=False)
 
     def tail_step(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[float, torch.Tensor]:
-        """Forward, loss, backward and step at once (last stage): the loss and d loss / d x, fp32 CPU."""
+        """Forward, loss and backward at once (last stage), the step pending: the loss to report and
+        d loss / d x, fp32 CPU."""
+        self._no_pending()
         if not self.module.is_tail:
             raise TrainerError("tail_step is for the last stage only")
         x = self._activation(x, "input").requires_grad_(self.policy.takes_step)
@@ -138,12 +150,26 @@ class StageTrainer:
         value = loss.item()
         if not math.isfinite(value):
             raise TrainerError(f"non-finite loss {value}; no step taken")
+        reported = self.policy.reported_loss(value)
         if not self.policy.takes_step:
-            return value, self.policy.input_grad(torch.zeros(x.shape), tail=True)
+            return reported, self.policy.input_grad(torch.zeros(x.shape), tail=True)
         loss.backward()
-        self._step()
+        self.pending = True
         assert x.grad is not None
-        return value, self.policy.input_grad(_to_cpu(x.grad), tail=True)
+        return reported, self.policy.input_grad(_to_cpu(x.grad), tail=True)
+
+    def commit(self) -> bool:
+        """Take the pending optimizer step (the item was accepted); False if none was pending or the
+        gradient was not finite (then no step is taken, the same on every replay)."""
+        if not self.pending:
+            return False
+        self.pending = False
+        return self._step()
+
+    def discard(self) -> None:
+        """Drop the pending gradients (the item was not accepted): the weights stay as they were."""
+        self.pending = False
+        self.optimizer.zero_grad(set_to_none=True)
 
     def drop(self, item_id: str) -> bool:
         """Free a forward's saved state (its item was cancelled); False if there was none."""
@@ -164,6 +190,7 @@ class StageTrainer:
     def drop_all(self) -> None:
         self._saved.clear()
         self._stash = None
+        self.discard()
 
     # -----------------------------------------------------------------------------------------------------
     # Weights
@@ -173,8 +200,9 @@ class StageTrainer:
         return {name: _to_cpu(t) for name, t in self.module.state_dict().items()}
 
     def assign_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Set the weights in place and keep the AdamW state: after a merge the inner optimiser carries on
-        (as in DiLoCo). Exactly the stage's names and shapes; drops outstanding work."""
+        """Set the weights in place, as after a merge; exactly the stage's names and shapes. Drops
+        outstanding work and restarts AdamW: every epoch starts from the global weights and a fresh inner
+        optimiser, a state any validator can rebuild without the miner's moments."""
         params = dict(self.module.named_parameters())
         if set(weights) != set(params) or any(weights[n].shape != p.shape for n, p in params.items()):
             raise TrainerError(f"weights do not fit stage {self.stage}")
@@ -182,6 +210,7 @@ class StageTrainer:
             for name, p in params.items():
                 p.copy_(weights[name])
         self.drop_all()
+        self.optimizer = self._new_optimizer()
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Replace the weights (exactly the stage's keys and shapes); resets AdamW, drops outstanding work."""
@@ -207,20 +236,25 @@ class StageTrainer:
             fused=self.device.type == "cuda",
         )
 
-    def _step(self) -> None:
+    def _no_pending(self) -> None:
+        if self.pending:
+            raise TrainerError("the previous step is neither committed nor discarded")
+
+    def _step(self) -> bool:
         if self.training.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.training.grad_clip)
             if not torch.isfinite(norm):
                 self.optimizer.zero_grad(set_to_none=True)
-                raise TrainerError(f"non-finite gradient norm {norm.item()}; no step taken")
+                return False
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         # Outstanding forwards keep their own reference to the old clone; the next forward needs a new one.
         self._stash = None
+        return True
 
     def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
 
     def _check_seq(self, shape: torch.Size, what: str) -> None:
         batch, seq = shape[0], shape[1]

@@ -20,6 +20,7 @@ import torch
 from bittensor.sp_core import Keypair
 from safetensors.torch import save_file
 
+from common.client import ApiError, OrchestratorClient, Resync, Unavailable
 from common.codec import CodecError, TensorSpec, content_hash, decode_tensor, encode_tensor
 from common.config import DataSettings
 from common.data import Corpus, batch_tokens, make_corpus
@@ -43,7 +44,6 @@ from common.protocol import (
     WorkResponse,
 )
 from common.storage import StorageError, download_from_url, upload_to_url
-from miner.client import ApiError, OrchestratorClient, Resync, Unavailable
 from miner.merging import MergeFailed, MergeParticipant, Traffic
 from miner.settings import MinerSettings
 from miner.trainer import StageTrainer, TrainerError
@@ -132,7 +132,10 @@ class MinerWorker:
         reg = self.client.post(
             "/v1/miners/register",
             RegisterRequest(
-                device=self.device, gpu_memory_gb=gpu_gb, corpus_fingerprint=self.corpus.fingerprint
+                device=self.device,
+                gpu_memory_gb=gpu_gb,
+                corpus_fingerprint=self.corpus.fingerprint,
+                preferred_stage=self.settings.stage,
             ),
             RegisterResponse,
         )
@@ -145,10 +148,11 @@ class MinerWorker:
             and reg.weights.version == self.merger.version
         )
         if same_place:
-            assert self.trainer is not None
-            # Same run, stage and global version: keep the weights trained so far; only the saved forwards
-            # died with the old session.
-            self.trainer.drop_all()
+            assert self.merger is not None
+            # Same run, stage and global version: a new session starts from the global weights again (from
+            # the local start-of-epoch copy, no download), as the orchestrator's record of it does.
+            with self.timings.measure("checkpoint"):
+                self.merger.load(reg.weights)
         else:
             self.trainer = StageTrainer(
                 ModelConfig.from_dict(reg.model),
@@ -303,6 +307,7 @@ class MinerWorker:
             self._fail(item, str(error), blame_input=False)
             return
         ref = None
+        trainer = self._trainer()
         if output is not None:
             assert item.output is not None
             try:
@@ -322,13 +327,17 @@ class MinerWorker:
                     CompleteResponse,
                 )
         except Resync:
+            trainer.discard()
             raise
         except ApiError as error:
-            # The item was cancelled meanwhile (deadline) or the upload was refused: forget its state.
+            # The item was cancelled meanwhile (deadline) or the upload was refused: forget its state, and
+            # take no step, since the orchestrator's record (which validators replay) has none.
             log.warning("item %s not accepted: %s", item.item_id, error)
-            self._trainer().drop(item.item_id)
+            trainer.discard()
+            trainer.drop(item.item_id)
             self.stats.failed += 1
             return
+        trainer.commit()
         if item.kind == "forward":
             self.stats.forward += 1
         else:
@@ -408,6 +417,7 @@ class MinerWorker:
     def _fail(self, item: WorkItem, reason: str, *, blame_input: bool) -> None:
         reg = self._session()
         self.stats.failed += 1
+        self._trainer().discard()
         if item.kind == "forward":
             self._trainer().drop(item.item_id)
         try:

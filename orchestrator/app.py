@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from common.protocol import HEADER_PROTOCOL, HEADER_RUN, PROTOCOL_VERSION, ErrorBody
-from orchestrator.routers import merge, miners, public, work
+from orchestrator.routers import merge, miners, public, validators, work
 from orchestrator.scheduler import SchedulerError
 from orchestrator.service import Orchestrator
 
@@ -61,6 +61,7 @@ def create_app(orchestrator: Orchestrator) -> FastAPI:
     app.include_router(miners.router)
     app.include_router(work.router)
     app.include_router(merge.router)
+    app.include_router(validators.router)
 
     @app.middleware("http")
     async def protocol_version(

@@ -18,7 +18,7 @@ from typing import Any
 
 from common.protocol import ArtifactRef
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -35,9 +35,11 @@ CREATE TABLE IF NOT EXISTS items (
     item_id TEXT PRIMARY KEY, sample INTEGER NOT NULL, attempt INTEGER NOT NULL, stage INTEGER NOT NULL,
     kind TEXT NOT NULL, status TEXT NOT NULL, miner TEXT, session INTEGER, forward_item TEXT,
     input TEXT, output_key TEXT, output TEXT,
-    created_at REAL NOT NULL, assigned_at REAL, deadline REAL NOT NULL, completed_at REAL
+    created_at REAL NOT NULL, assigned_at REAL, deadline REAL NOT NULL, completed_at REAL,
+    epoch INTEGER, done_seq INTEGER, loss REAL
 );
 CREATE INDEX IF NOT EXISTS items_by_attempt ON items (sample, attempt);
+CREATE INDEX IF NOT EXISTS items_by_epoch ON items (epoch, miner);
 CREATE TABLE IF NOT EXISTS losses (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, sample INTEGER NOT NULL, attempt INTEGER NOT NULL,
     loss REAL NOT NULL, at REAL NOT NULL, pathway TEXT NOT NULL
@@ -50,6 +52,12 @@ CREATE TABLE IF NOT EXISTS garbage (key TEXT PRIMARY KEY, not_before REAL NOT NU
 CREATE TABLE IF NOT EXISTS merges (
     epoch INTEGER NOT NULL, stage INTEGER NOT NULL, record TEXT NOT NULL, PRIMARY KEY (epoch, stage)
 );
+CREATE TABLE IF NOT EXISTS validations (
+    task_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, stage INTEGER NOT NULL, miner TEXT NOT NULL,
+    status TEXT NOT NULL, created_at REAL NOT NULL, validator TEXT, lease_deadline REAL,
+    verdict TEXT, verdict_at REAL, task TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS validations_by_epoch ON validations (epoch);
 """
 
 
@@ -73,6 +81,11 @@ class Item:
     output: ArtifactRef | None = None
     assigned_at: float | None = None
     completed_at: float | None = None
+    # Set when the item is accepted: the epoch it belongs to, its place in the order of all accepted items
+    # (which is each miner's order of work, and so of its optimizer steps), and the tail's reported loss.
+    epoch: int | None = None
+    done_seq: int | None = None
+    loss: float | None = None
 
 
 @dataclass
@@ -237,6 +250,24 @@ class StateDB:
         ).fetchone()
         return None if row is None else _item(row)
 
+    def done_items(self, miner: str, epoch: int, stage: int) -> list[Item]:
+        """The items `miner` completed at `stage` during `epoch`, in the order it completed them."""
+        rows = self._conn.execute(
+            f"SELECT {_ITEM_COLUMNS} FROM items WHERE epoch = ? AND miner = ? AND stage = ? "
+            "AND done_seq IS NOT NULL ORDER BY done_seq",
+            (epoch, miner, stage),
+        ).fetchall()
+        return [_item(r) for r in rows]
+
+    def items_per_miner(self, epoch: int) -> dict[tuple[str, int], int]:
+        """(miner, stage) -> items accepted in `epoch`."""
+        rows = self._conn.execute(
+            "SELECT miner, stage, COUNT(*) FROM items WHERE epoch = ? AND done_seq IS NOT NULL "
+            "GROUP BY miner, stage",
+            (epoch,),
+        ).fetchall()
+        return {(r[0], r[1]): r[2] for r in rows}
+
     def count_items(self, status: str) -> int:
         row = self._conn.execute("SELECT COUNT(*) FROM items WHERE status = ?", (status,)).fetchone()
         return int(row[0])
@@ -316,6 +347,47 @@ class StateDB:
             "SELECT record FROM merges WHERE epoch >= ? ORDER BY epoch, stage LIMIT ?", (epoch, limit)
         ).fetchall()
         return [r[0] for r in rows]
+
+    def merges_of(self, epoch: int) -> list[str]:
+        rows = self._conn.execute("SELECT record FROM merges WHERE epoch = ? ORDER BY stage", (epoch,))
+        return [r[0] for r in rows.fetchall()]
+
+    # -- validations ------------------------------------------------------------------------------------
+
+    def add_validation(self, task_id: str, epoch: int, stage: int, miner: str, at: float, task: str) -> None:
+        self._conn.execute(
+            "INSERT INTO validations (task_id, epoch, stage, miner, status, created_at, task) "
+            "VALUES (?,?,?,?,'queued',?,?)",
+            (task_id, epoch, stage, miner, at, task),
+        )
+
+    def save_validation(self, v: dict[str, Any]) -> None:
+        self._conn.execute(
+            "UPDATE validations SET status = ?, validator = ?, lease_deadline = ?, verdict = ?, "
+            "verdict_at = ? WHERE task_id = ?",
+            (v["status"], v["validator"], v["lease_deadline"], v["verdict"], v["verdict_at"], v["task_id"]),
+        )
+
+    def validations(
+        self, *, statuses: tuple[str, ...] = (), epoch: int | None = None
+    ) -> list[dict[str, Any]]:
+        names = (
+            "task_id", "epoch", "stage", "miner", "status", "created_at", "validator", "lease_deadline",
+            "verdict", "verdict_at", "task",
+        )  # fmt: skip
+        sql, args = f"SELECT {', '.join(names)} FROM validations WHERE 1=1", []
+        if statuses:
+            sql += f" AND status IN ({','.join('?' * len(statuses))})"
+            args += list(statuses)
+        if epoch is not None:
+            sql += " AND epoch = ?"
+            args.append(epoch)
+        rows = self._conn.execute(sql + " ORDER BY created_at, task_id", args).fetchall()
+        return [dict(zip(names, r, strict=True)) for r in rows]
+
+    def count_validations(self) -> dict[str, int]:
+        rows = self._conn.execute("SELECT status, COUNT(*) FROM validations GROUP BY status").fetchall()
+        return {status: n for status, n in rows}
 
     def count_merges(self, outcome: str) -> int:
         row = self._conn.execute(

@@ -24,8 +24,20 @@ async def signed(request: Request) -> VerifiedRequest:
     return await get_orchestrator(request).verify(request)
 
 
-# Route parameters: `req: Signed` for a verified, registered caller; `orch: Orch` for the orchestrator.
+async def validator(request: Request) -> VerifiedRequest:
+    """A signed request from a hotkey with a validator permit and enough stake; 403 for anyone else."""
+    req = await signed(request)
+    orch = get_orchestrator(request)
+    problem = orch.registry.validator_problem(req.hotkey, orch.settings.validator_min_stake)
+    if problem is not None:
+        raise SchedulerError(403, "not_a_validator", problem)
+    return req
+
+
+# Route parameters: `req: Signed` for a verified, registered caller (`req: Validator` for a validator);
+# `orch: Orch` for the orchestrator.
 Signed = Annotated[VerifiedRequest, Depends(signed)]
+Validator = Annotated[VerifiedRequest, Depends(validator)]
 Orch = Annotated[Orchestrator, Depends(get_orchestrator)]
 
 

@@ -88,11 +88,12 @@ class EpochClock:
         notify: Callable[[str], None],
         collect: Callable[[list[str]], None],
         on_epoch_end: Callable[[], None] = lambda: None,
+        on_merge_closed: Callable[[MergeState, StoredCheckpoint | None], None] = lambda s, c: None,
     ) -> None:
         self.db, self.scheduler, self.settings = db, scheduler, settings
         self.n_stages, self.stage_numel, self.seed = n_stages, stage_numel, seed
         self.links, self.clock, self.notify, self.collect = links, clock, notify, collect
-        self.on_epoch_end = on_epoch_end
+        self.on_epoch_end, self.on_merge_closed = on_epoch_end, on_merge_closed
         stored = db.get_meta("epoch")
         self.state = EpochState.model_validate(stored) if stored else EpochState(since=clock())
         self.versions = [int(db.get_meta(f"version.{s}") or 0) for s in range(n_stages)]
@@ -108,6 +109,7 @@ class EpochClock:
         self.merges_completed = db.count_merges("merged")
         self.merges_rolled_back = db.count_merges("rolled_back")
         scheduler.paused = self.state.phase != "training"
+        scheduler.epoch = self.state.epoch
 
     def _merge(self, state: MergeState) -> StageMerge:
         return StageMerge(
@@ -189,6 +191,7 @@ class EpochClock:
                 m.epoch_steps = 0
                 self.db.save_miner(m)
             st.epoch += 1
+            self.scheduler.epoch = st.epoch
             st.completed_at_start = self.scheduler.completed
             self._set_phase("training", now)
         self.merges.clear()
@@ -211,6 +214,7 @@ class EpochClock:
 
     def _close(self, merge: StageMerge) -> None:
         s, record = merge.state, merge.record()
+        start = self.checkpoints[s.stage]  # the start-of-epoch weights, which replays begin from
         merge.closed = True
         self.db.add_merge(s.epoch, s.stage, record.model_dump_json())
         for flag in record.flagged:
@@ -243,6 +247,7 @@ class EpochClock:
                     miner.weights_version = -1
                     self.db.save_miner(miner)
         self.collect(garbage)
+        self.on_merge_closed(s, start)
         log.info(
             "epoch %d stage %d: %s (version %d, %d participants, %d flagged)",
             s.epoch,

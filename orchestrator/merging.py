@@ -489,6 +489,16 @@ class StageMerge:
             return []
         return sorted(h for h, d in s.applied.items() if d == s.checkpoint.digest)
 
+    def reduced(self) -> dict[str, int]:
+        """Reducer -> partitions whose canonical mean is the one it uploaded."""
+        s, counts = self.state, {}
+        for p, results in s.results.items():
+            canonical = s.canonical.get(p)
+            for hotkey, ref in results.items():
+                if canonical is not None and ref.sha256 == canonical.sha256:
+                    counts[hotkey] = counts.get(hotkey, 0) + 1
+        return counts
+
     def record(self) -> MergeRecord:
         s = self.state
         merged = s.phase == "done"
@@ -503,6 +513,7 @@ class StageMerge:
             flagged=list(s.flagged),
             partitions=len(s.partitions),
             settled=len(s.settled),
+            reduced=self.reduced() if merged else {},
             weights_sha256=s.checkpoint.digest if merged and s.checkpoint else None,
             started_at=s.started_at,
             finished_at=s.finished_at or self.clock(),

@@ -77,6 +77,7 @@ class Scheduler:
         self.assigned: dict[str, str] = {}  # hotkey -> the item it is working on
         self.next_sample = 0
         self.paused = False  # no new attempts (the epoch is draining or merging); running ones go on
+        self.epoch = 0  # set by the epoch clock; stamped on every accepted item
         self.completed = 0
         self.dropped = 0
         self.attempts_failed = 0
@@ -134,8 +135,13 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------------
     # Miners
 
-    def register(self, hotkey: str, device: str) -> Miner:
-        """A miner (re)joining: a new session; whatever its previous session held is lost with it."""
+    def register(self, hotkey: str, device: str, preferred_stage: int | None = None) -> Miner:
+        """A miner (re)joining: a new session; whatever its previous session held is lost with it. A new
+        miner gets the stage it prefers, if any, else the one that balances the pipeline best."""
+        if preferred_stage is not None and preferred_stage >= self.n_stages:
+            raise SchedulerError(
+                422, "no_such_stage", f"stage {preferred_stage} does not exist; this run has {self.n_stages}"
+            )
         now = self.clock()
         with self.db.transaction():
             old = self.miners.get(hotkey)
@@ -149,7 +155,11 @@ class Scheduler:
                 old.cancelled.clear()
                 miner = old
             else:
-                stage = assign_stage(self.loads(), self.n_stages)
+                stage = (
+                    preferred_stage
+                    if preferred_stage is not None
+                    else assign_stage(self.loads(), self.n_stages)
+                )
                 miner = Miner(
                     hotkey=hotkey, session=1, stage=stage, device=device, registered_at=now, last_seen=now
                 )
@@ -319,13 +329,14 @@ class Scheduler:
         now = self.clock()
         attempt = self.attempts[(it.sample, it.attempt)]
         with self.db.transaction():
-            it.status, it.output, it.completed_at = "done", req.output, now
+            self.items_completed += 1
+            it.status, it.output, it.completed_at, it.loss = "done", req.output, now, req.loss
+            it.epoch, it.done_seq = self.epoch, self.items_completed
             del self.assigned[miner.hotkey]
             self._measure(miner, it, now)
             miner.items_completed += 1
             if it.kind == "backward" or it.stage == self.n_stages - 1:
                 miner.epoch_steps += 1  # each backward (and the tail's forward) is one optimizer step
-            self.items_completed += 1
             self.db.save_item(it)
             self.db.save_miner(miner)
             last = self.n_stages - 1
@@ -426,7 +437,7 @@ class Scheduler:
             if it is not None and it.output_key:
                 keys.append(it.output_key)
         self.attempts.pop((attempt.sample, attempt.attempt), None)
-        self.db.add_garbage(keys, now + self.settings.garbage_delay_s)
+        self.db.add_garbage(keys, now + self.settings.object_retention_s)
 
     # ------------------------------------------------------------------------------------------------
     # Failures

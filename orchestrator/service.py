@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.auth import EpistulaVerifier, signed_request_dependency
-from common.chain import Chain
+from common.chain import Chain, Neuron
 from common.codec import content_hash
 from common.config import AuthSettings, DataSettings, ModelSettings
 from common.data import Corpus, SampleId, SampleSchedule
@@ -30,9 +30,10 @@ from common.storage import ObjectStore, StorageError
 from orchestrator.db import Item, StateDB
 from orchestrator.epochs import EpochClock, StoreLinks
 from orchestrator.merge_jobs import run_finalize
-from orchestrator.merging import FinalizeJob, FinalizeResult, StoredCheckpoint
+from orchestrator.merging import FinalizeJob, FinalizeResult, MergeState, StoredCheckpoint
 from orchestrator.scheduler import Scheduler, SchedulerError
 from orchestrator.settings import OrchestratorSettings, training_spec
+from orchestrator.validation import ValidationBook
 
 log = logging.getLogger("iota.orchestrator")
 
@@ -117,10 +118,23 @@ class HotkeyRegistry:
     def __init__(self, chain: Chain, refresh_s: float) -> None:
         self.chain, self.refresh_s = chain, refresh_s
         self.hotkeys: frozenset[str] = frozenset()
+        self.neurons: dict[str, Neuron] = {}
         self._wake = asyncio.Event()
 
     def refresh(self) -> None:
-        self.hotkeys = frozenset(self.chain.metagraph().hotkeys)
+        neurons = {n.hotkey: n for n in self.chain.metagraph().neurons}
+        self.neurons, self.hotkeys = neurons, frozenset(neurons)
+
+    def validator_problem(self, hotkey: str, min_stake: float) -> str | None:
+        """Why `hotkey` may not act as a validator (no permit, too little stake), or None."""
+        neuron = self.neurons.get(hotkey)
+        if neuron is None:
+            return "this hotkey is not registered on the subnet"
+        if not neuron.validator_permit:
+            return "this hotkey has no validator permit"
+        if neuron.stake < min_stake:
+            return f"this hotkey has {neuron.stake:g} stake; validators need at least {min_stake:g}"
+        return None
 
     def admit(self, hotkey: str) -> bool:
         if hotkey in self.hotkeys:
@@ -200,6 +214,16 @@ class Orchestrator:
             notify=self.wakeups.notify,
             collect=self.collect,
             on_epoch_end=self._epoch_ended,
+            on_merge_closed=self._merge_closed,
+        )
+        self.validation = ValidationBook(
+            db,
+            settings,
+            n_stages=spec.model.n_stages,
+            download_source=self.links.download_source,
+            sample_ids=self.sample_ids,
+            device_of=lambda hotkey: m.device if (m := self.scheduler.miners.get(hotkey)) else "unknown",
+            clock=clock,
         )
         self._jobs: set[asyncio.Task[None]] = set()
         self.registry = HotkeyRegistry(chain, metagraph_refresh_s)
@@ -225,6 +249,10 @@ class Orchestrator:
             ],
         )
 
+    def _merge_closed(self, state: MergeState, start: StoredCheckpoint | None) -> None:
+        if shadowed := self.validation.shadow(state, start, self.spec.seed):
+            log.info("epoch %d stage %d: %d miners shadowed", state.epoch, state.stage, len(shadowed))
+
     def _epoch_ended(self) -> None:
         data = self.manifest().model_dump_json(indent=1).encode()
         task = asyncio.get_running_loop().create_task(self._write_manifest(data))
@@ -242,7 +270,7 @@ class Orchestrator:
 
     def collect(self, keys: list[str]) -> None:
         """Delete these objects once the grace period has passed."""
-        self.db.add_garbage(keys, self.clock() + self.settings.garbage_delay_s)
+        self.db.add_garbage(keys, self.clock() + self.settings.object_retention_s)
 
     # -- wire forms ---------------------------------------------------------------------------------------
 

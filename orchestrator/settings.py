@@ -77,6 +77,32 @@ class OrchestratorSettings(BaseSettings):
     max_samples: int | None = Field(
         None, ge=1, description="Stop handing out new samples after this many (empty: no limit)."
     )
+    # -- validation --
+    validation_fraction: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="Chance that a miner's epoch is shadowed: replayed by a validator (0: no validation).",
+    )
+    validation_retention_s: float = Field(
+        3600.0,
+        ge=0,
+        description="How long objects a replay may need (activations, gradients, pseudo-gradients, the"
+        " start-of-epoch checkpoint) are kept, and how long a replay task waits for a validator.",
+    )
+    validation_lease_s: float = Field(
+        600.0, gt=0, description="How long a validator has to report a replay before it goes to another."
+    )
+    validator_min_stake: float = Field(
+        1.0, ge=0, description="Stake a hotkey with a validator permit needs to call the validator routes."
+    )
+
+    @property
+    def object_retention_s(self) -> float:
+        """Grace before a finished object is deleted: long enough for a replay when validation is on."""
+        if self.validation_fraction > 0:
+            return max(self.garbage_delay_s, self.validation_retention_s)
+        return self.garbage_delay_s
 
 
 def training_spec(settings: OrchestratorSettings) -> TrainingSpec:

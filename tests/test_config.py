@@ -12,9 +12,10 @@ from common.config import ALL_SETTINGS as COMMON_SETTINGS
 from common.config import AuthSettings, ChainSettings, ModelSettings, S3Settings
 from miner.settings import MinerSettings
 from orchestrator.settings import OrchestratorSettings
+from validator.settings import ValidatorSettings
 
 # The shared groups plus each role's own; `common` cannot import the roles, the test can.
-ALL_SETTINGS = (*COMMON_SETTINGS, OrchestratorSettings, MinerSettings)
+ALL_SETTINGS = (*COMMON_SETTINGS, OrchestratorSettings, MinerSettings, ValidatorSettings)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / ".env.example"
 

@@ -56,6 +56,7 @@ def train(p: MergeParticipant, steps: int, *, seed: int) -> None:
         x = torch.randn(2, 16, CFG.bottleneck_dim, generator=g)
         out = p.trainer.forward(f"i{seed}.{k}", x)
         p.trainer.backward(f"i{seed}.{k}", torch.randn(out.shape, generator=g) * 0.1)
+        p.trainer.commit()
 
 
 def steps_of(parts: dict[str, MergeParticipant]) -> dict[str, int]:

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from common.auth import HEADER_SIGNED_BY, EpistulaAuth, sign_request
 from common.chain import LocalChain
+from common.client import ApiError, OrchestratorClient
 from common.codec import content_hash, encode_tensor
 from common.config import ChainSettings, DataSettings, ModelSettings
 from common.keys import generate_keypair
@@ -42,15 +43,18 @@ from common.protocol import (
     PresignRequest,
     RegisterRequest,
     RegisterResponse,
+    ReplayVerdict,
     RunStatus,
     UploadTarget,
+    ValidatorRegisterRequest,
+    ValidatorTaskRequest,
+    VerdictRequest,
     WorkItem,
     WorkRequest,
     WorkResponse,
 )
 from common.s3server import EmbeddedS3
 from common.storage import download_from_url, upload_to_url
-from miner.client import ApiError, OrchestratorClient
 from orchestrator.app import create_app
 from orchestrator.server import build_orchestrator
 from orchestrator.service import Orchestrator
@@ -184,6 +188,7 @@ def start(s3: EmbeddedS3, chain_path: Path, keys: Keys, tmp_path: Path) -> Itera
                 poll_wait_s=POLL_WAIT_S,
                 item_timeout_s=60.0,
                 garbage_delay_s=0.0,
+                validation_fraction=0.0,
             )
             values.update(overrides)
             orch = build_orchestrator(
@@ -350,6 +355,40 @@ def test_chain_membership_is_followed_within_seconds(net: Net, chain_path: Path)
     chain.deregister(late.ss58_address)
     poll = WorkRequest(run_id=net.orch.run_id, session=net.orch.scheduler.miners[late.ss58_address].session)
     assert wait_until(lambda: miner.post("/v1/work/next", poll).status_code == 403, timeout_s=5.0)
+
+
+def test_validator_routes_need_a_permit_and_stake(net: Net, chain_path: Path) -> None:
+    chain = LocalChain(chain_path, NETUID)
+    poor, staked = generate_keypair(), generate_keypair()
+    chain.register(poor.ss58_address, stake=0.5, validator_permit=True)
+    chain.register(staked.ss58_address, stake=10.0, validator_permit=True)
+    net.orch.registry.refresh()
+    fingerprint = net.orch.spec.data.fingerprint
+    join = ValidatorRegisterRequest(device="cpu", corpus_fingerprint=fingerprint)
+    ask = ValidatorTaskRequest(run_id=net.orch.run_id)
+    verdict = VerdictRequest(
+        run_id=net.orch.run_id, task_id="v0.1.x", verdict=ReplayVerdict(passed=False, ops=0, checks=0)
+    )
+
+    miner = net.caller(net.keys.registered[0])
+    miner.register(fingerprint)
+    for path, body in [
+        ("/v1/validators/register", join),
+        ("/v1/validators/task", ask),
+        ("/v1/validators/verdict", verdict),
+    ]:
+        assert_error(miner.post(path, body), 403, "not_a_validator", "no validator permit")
+        assert_error(net.caller(poor).post(path, body), 403, "not_a_validator", "at least 1")
+        assert_error(net.caller(net.keys.stranger).post(path, body), 403, "forbidden", "registered")
+
+    validator = net.caller(staked)
+    assert validator.post("/v1/validators/register", join).status_code == 200
+    resp = validator.post("/v1/validators/task", ask)
+    assert resp.status_code == 200 and resp.json() == {"task": None}
+    # A verdict on a task nobody leased to it is refused and leaves no trace.
+    assert_error(validator.post("/v1/validators/verdict", verdict), 403, "not_your_task")
+    assert net.orch.validation.counts() == {} and net.orch.db.count_events("replay_failed") == 0
+    assert httpx.get(f"{net.base_url}/v1/ledger").json() == []
 
 
 def test_replayed_request_is_refused_and_changes_nothing(net: Net) -> None:

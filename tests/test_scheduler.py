@@ -26,7 +26,12 @@ class Clock:
 
 def settings(**overrides: object) -> OrchestratorSettings:
     values: dict[str, object] = dict(
-        max_outstanding=2, item_timeout_s=10.0, miner_timeout_s=5.0, max_attempts=2, garbage_delay_s=0.0
+        max_outstanding=2,
+        item_timeout_s=10.0,
+        miner_timeout_s=5.0,
+        max_attempts=2,
+        garbage_delay_s=0.0,
+        validation_fraction=0.0,
     )
     values.update(overrides)
     return OrchestratorSettings(**values)  # type: ignore[arg-type]

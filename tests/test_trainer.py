@@ -49,6 +49,7 @@ def _train_step(trainers: list[StageTrainer], tokens: torch.Tensor, item_id: str
     g1 = body.backward(item_id, g2)
     assert g1 is not None and g1.shape == z1.shape
     assert head.backward(item_id, g1) is None
+    assert all(t.commit() for t in trainers)
     return loss
 
 
@@ -112,17 +113,21 @@ def test_weight_stashing_gives_each_backward_the_weights_of_its_forward() -> Non
     late = StageTrainer(CFG, 1, SPEC, seed=SEED)
     late.forward("a", xa)
     late.backward("a", ga)
+    late.commit()
     late_out = late.forward("b", xb)
     late_grad = late.backward("b", gb)
+    late.commit()
 
     body = StageTrainer(CFG, 1, SPEC, seed=SEED)
     out_b = body.forward("b", xb)
     body.forward("a", xa)
-    body.backward("a", ga)  # steps the optimizer while "b" still holds its graph
+    body.backward("a", ga)
+    body.commit()  # steps the optimizer while "b" still holds its graph
     assert body.steps == 1 and body.outstanding == 1
     # A forward after the step runs with the new weights, while "b" keeps the old ones.
     assert torch.equal(body.forward("c", xb), late_out)
     grad_b = body.backward("b", gb)
+    assert body.commit()
     assert grad_b is not None and body.steps == 2
     assert not torch.allclose(grad_b, late_grad, rtol=0, atol=1e-6)
 
@@ -300,7 +305,7 @@ def test_copy_input_passes_its_input_through() -> None:
     x = _boundary(0)
     body = _trainer(1, "copy-input")
     assert torch.equal(body.forward("a", x), x)
-    assert body.backward("a", _boundary(1)) is not None and body.steps == 1
+    assert body.backward("a", _boundary(1)) is not None and body.commit() and body.steps == 1
 
     head = _trainer(0, "copy-input").forward("a", _tokens(0))
     assert head.shape == (B, T, CFG.bottleneck_dim) and not head.any()
@@ -310,9 +315,34 @@ def test_copy_input_passes_its_input_through() -> None:
     assert grad.shape == x.shape and not grad.any()
 
 
+def test_wrong_loss_halves_the_reported_loss_and_trains_honestly() -> None:
+    x, tokens = _boundary(0), _tokens(0)
+    liar, honest = _trainer(2, "wrong-loss"), _trainer(2)
+    (lie, lie_grad), (truth, grad) = liar.tail_step(x, tokens), honest.tail_step(x, tokens)
+    assert lie == pytest.approx(truth / 2) and torch.equal(lie_grad, grad)
+
+
+def test_a_step_waits_for_commit_and_discard_leaves_the_weights() -> None:
+    body = _trainer(1)
+    before = body.weights()
+    body.forward("a", _boundary(0))
+    body.backward("a", _boundary(1))
+    assert body.pending and body.steps == 0
+    body.forward("b", _boundary(2))
+    with pytest.raises(TrainerError, match="neither committed nor discarded"):
+        body.backward("b", _boundary(3))
+    body.discard()
+    assert not body.pending and not body.commit()
+    assert all(torch.equal(t, before[name]) for name, t in body.weights().items())
+    body.backward("b", _boundary(3))
+    assert body.commit() and body.steps == 1
+    assert any(not torch.equal(t, before[name]) for name, t in body.weights().items())
+
+
 def test_every_behavior_is_known_and_unknown_ones_are_refused() -> None:
     assert set(BEHAVIORS) == {
-        "honest", "random-output", "zero-grad", "scaled-output", "copy-input", "wrong-reduce"
+        "honest", "random-output", "zero-grad", "scaled-output", "copy-input", "wrong-loss",
+        "wrong-reduce",
     }  # fmt: skip
     for behavior in BEHAVIORS:
         assert BehaviorPolicy(behavior).takes_step == (behavior != "zero-grad")

@@ -22,7 +22,7 @@ async def register(req: Signed, orch: Orch) -> RegisterResponse:
             f"your corpus fingerprint {body.corpus_fingerprint[:12]} differs from the run's "
             f"{orch.spec.data.fingerprint[:12]}; configure the same data source (IOTA_DATA_*)",
         )
-    miner = orch.scheduler.register(req.hotkey, body.device)
+    miner = orch.scheduler.register(req.hotkey, body.device, body.preferred_stage)
     return RegisterResponse(
         run_id=orch.run_id,
         session=miner.session,

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Query
 
 from common.protocol import (
     PROTOCOL_VERSION,
+    EpochLedger,
     LossPage,
     LossRecord,
     MergeRecord,
@@ -48,6 +49,7 @@ async def status(orch: Orch) -> RunStatus:
         epoch_phase=epochs.state.phase,
         merges_completed=epochs.merges_completed,
         merges_rolled_back=epochs.merges_rolled_back,
+        validations=orch.validation.counts(),
         stages=[
             StageStatus(
                 stage=s,
@@ -90,3 +92,12 @@ async def merges(
 ) -> list[MergeRecord]:
     """What every finished merge did: who contributed with what weight, who was left out or flagged."""
     return orch.epochs.records(after_epoch, limit)
+
+
+@router.get("/v1/ledger", response_model=list[EpochLedger])
+async def ledger(
+    orch: Orch, after_epoch: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)
+) -> list[EpochLedger]:
+    """Per finished epoch: each miner's accepted work and merge flags, and every replay verdict; the
+    record validators compute scores from."""
+    return orch.validation.ledger(after_epoch, limit, orch.epochs.state.epoch)

@@ -1,4 +1,4 @@
-"""The miner's (and later the validator's) signed HTTP client for the orchestrator.
+"""The signed HTTP client that miners and validators use to talk to the orchestrator.
 
 Transient failures (connection refused while the orchestrator restarts, timeouts, 5xx, 429, 503) are
 retried with jittered exponential backoff. A 409 about the run or the session raises `Resync`: the caller
@@ -8,11 +8,11 @@ registers again rather than exiting. Any other 4xx raises `ApiError` with the or
 from __future__ import annotations
 
 import logging
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 from bittensor.sp_core import Keypair
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential, wait_random
 
 from common.auth import EpistulaAuth
@@ -21,6 +21,7 @@ from common.protocol import HEADER_PROTOCOL, PROTOCOL_VERSION
 log = logging.getLogger("iota.client")
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 RESYNC_CODES = frozenset({"run_mismatch", "stale_session", "not_registered"})
 
@@ -64,17 +65,31 @@ class OrchestratorClient:
         """POST `body` (signed afresh on every try) and parse the answer as `response`."""
         content = body.model_dump_json().encode()
         timeout = self._http.timeout.read + extra_timeout_s if self._http.timeout.read else None
+        resp = self._send("POST", path, content=content, timeout=timeout)
+        try:
+            return response.model_validate_json(resp.content)
+        except ValidationError as error:
+            raise ApiError(resp.status_code, "bad_response", f"{path}: {error}") from None
 
+    def get(self, path: str, response: TypeAdapter[T], params: dict[str, Any] | None = None) -> T:
+        """GET a public, read-only route and parse the answer with `response`."""
+        resp = self._send("GET", path, params=params)
+        try:
+            return response.validate_json(resp.content)
+        except ValidationError as error:
+            raise ApiError(resp.status_code, "bad_response", f"{path}: {error}") from None
+
+    def _send(self, method: str, path: str, **request: Any) -> httpx.Response:
         def attempt() -> httpx.Response:
             try:
-                resp = self._http.post(path, content=content, timeout=timeout)
+                resp = self._http.request(method, path, **request)
             except (httpx.TransportError, httpx.TimeoutException) as error:
-                log.debug("POST %s: %s; retrying", path, error)
+                log.debug("%s %s: %s; retrying", method, path, error)
                 raise _Transient(str(error)) from error
             if resp.status_code >= 500 or resp.status_code in (426, 429):
                 # 426: this client is older or newer than the orchestrator; keep trying while an operator
                 # upgrades one side, instead of exiting.
-                log.warning("POST %s: HTTP %d %s; retrying", path, resp.status_code, resp.text[:200])
+                log.warning("%s %s: HTTP %d %s; retrying", method, path, resp.status_code, resp.text[:200])
                 raise _Transient(resp.text[:200])
             return resp
 
@@ -87,13 +102,11 @@ class OrchestratorClient:
         try:
             resp = retrying(attempt)
         except _Transient as error:
-            raise Unavailable(f"POST {path}: no success within {self.retry_for_s:.0f} s: {error}") from None
+            waited = f"no success within {self.retry_for_s:.0f} s"
+            raise Unavailable(f"{method} {path}: {waited}: {error}") from None
         if resp.status_code >= 400:
             raise _api_error(resp)
-        try:
-            return response.model_validate_json(resp.content)
-        except ValidationError as error:
-            raise ApiError(resp.status_code, "bad_response", f"{path}: {error}") from None
+        return resp
 
 
 def _api_error(resp: httpx.Response) -> ApiError:

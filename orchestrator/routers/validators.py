@@ -1,0 +1,74 @@
+"""Validators: register, lease a replay task, report its verdict. Only for hotkeys with a validator permit
+and enough stake; miners get 403."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+
+from common.protocol import (
+    Ack,
+    ValidatorRegisterRequest,
+    ValidatorRegisterResponse,
+    ValidatorTaskRequest,
+    ValidatorTaskResponse,
+    VerdictRequest,
+)
+from orchestrator.deps import Orch, Validator, parse
+from orchestrator.scheduler import SchedulerError
+
+router = APIRouter(prefix="/v1/validators", tags=["validators"])
+
+_POLL_S = 0.5  # how often a held task request looks again; tasks appear only when merges close
+
+
+def _same_run(orch: Orch, run_id: str) -> None:
+    if run_id != orch.run_id:
+        raise SchedulerError(409, "run_mismatch", f"this orchestrator runs {orch.run_id}; register again")
+
+
+@router.post("/register", response_model=ValidatorRegisterResponse)
+async def register(req: Validator, orch: Orch) -> ValidatorRegisterResponse:
+    """Join as a validator: the run's model, data and training settings, to replay miners' work with."""
+    body = parse(ValidatorRegisterRequest, req)
+    if body.corpus_fingerprint != orch.spec.data.fingerprint:
+        raise SchedulerError(
+            409,
+            "corpus_mismatch",
+            f"your corpus fingerprint {body.corpus_fingerprint[:12]} differs from the run's "
+            f"{orch.spec.data.fingerprint[:12]}; configure the same data source (IOTA_DATA_*)",
+        )
+    orch.db.add_event(orch.clock(), "validator_registered", body.device, miner=req.hotkey)
+    return ValidatorRegisterResponse(
+        run_id=orch.run_id,
+        model=orch.spec.model.to_dict(),
+        data=orch.spec.data,
+        training=orch.spec.training,
+        seed=orch.spec.seed,
+        poll_wait_s=orch.settings.poll_wait_s,
+    )
+
+
+@router.post("/task", response_model=ValidatorTaskResponse)
+async def task(req: Validator, orch: Orch) -> ValidatorTaskResponse:
+    """A replay task leased to the caller, waiting up to `wait_s` for one."""
+    body = parse(ValidatorTaskRequest, req)
+    _same_run(orch, body.run_id)
+    loop = asyncio.get_running_loop()
+    until = loop.time() + min(body.wait_s, orch.settings.poll_wait_s)
+    while True:
+        leased = orch.validation.lease(req.hotkey)
+        remaining = until - loop.time()
+        if leased is not None or remaining <= 0:
+            return ValidatorTaskResponse(task=leased)
+        await asyncio.sleep(min(_POLL_S, remaining))
+
+
+@router.post("/verdict", response_model=Ack)
+async def verdict(req: Validator, orch: Orch) -> Ack:
+    """Report the verdict of a replay the caller leased."""
+    body = parse(VerdictRequest, req)
+    _same_run(orch, body.run_id)
+    orch.validation.verdict(req.hotkey, body.task_id, body.verdict)
+    return Ack()
