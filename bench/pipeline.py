@@ -271,6 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         workdir=workdir,
         torch_threads=args.miner_threads or None,
         merge_every=0,  # the pipeline alone; what a merge costs is bench/merge.py's to measure
+        validators=0,  # validators replay beside training, on their own machines; bench/validation.py
     )
     sampler = CpuSampler()
 

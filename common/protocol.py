@@ -457,6 +457,9 @@ class ReplayVerdict(_Message):
     worst: dict[CheckKind, FiniteFloat] = Field(default_factory=dict)
     failure: str | None = Field(None, max_length=MAX_REASON_CHARS)
     replay_s: FiniteFloat = Field(0.0, ge=0)
+    horizon: int | None = Field(
+        None, ge=0, description="Optimizer steps the replay checked up to (cross-regime replay); None: all."
+    )
 
 
 class VerdictRequest(_Message):
@@ -470,7 +473,9 @@ class MinerEpochWork(_Message):
 
     hotkey: str
     stage: int
-    items: int = Field(description="Forward and backward items accepted.")
+    items: int = Field(
+        description="Passes accepted: 1 per forward or backward item, 2 per tail item (forward and backward)."
+    )
     partitions: int = Field(description="Partitions it reduced whose result the merge used.")
     merged: bool = Field(description="Its pseudo-gradient entered the merge.")
     flags: list[str] = Field(description="Why the merge flagged it (wrong partition, wrong weights, ...).")

@@ -293,19 +293,29 @@ class Devnet:
                 proc.kill()
                 proc.wait()
 
-    def finish_validation(self, timeout_s: float = 180.0) -> bool:
+    def finish_validation(self, stall_s: float = 180.0) -> bool:
         """Wait until every replay task is judged (or expired), then for each validator's next round of
-        weights; False if that took longer than `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
+        weights; False if a validator died, or `stall_s` passed without a task judged."""
+        deadline = time.monotonic() + stall_s
+        judged = -1
         while time.monotonic() < deadline:
+            if any(proc.poll() is not None for proc in self.validators.values()):
+                return False  # a validator died: its log says why; nobody will judge the rest
             counts = self.status().validations
-            if not counts.get("queued", 0) + counts.get("leased", 0):
+            pending = counts.get("queued", 0) + counts.get("leased", 0)
+            if not pending:
                 break
+            if sum(counts.values()) - pending > judged:  # progress: validators catch up once miners stop
+                judged = sum(counts.values()) - pending
+                deadline = time.monotonic() + stall_s
             time.sleep(1.0)
         else:
             return False
+        deadline = time.monotonic() + stall_s
         mark = time.time()
         while time.monotonic() < deadline:
+            if any(proc.poll() is not None for proc in self.validators.values()):
+                return False
             rounds = [self.validator_report(name) for name in self.validators]
             if all(r is not None and r["at"] > mark for r in rounds):
                 return True
@@ -430,6 +440,9 @@ def validation_summary(net: Devnet, finished: bool) -> dict[str, Any]:
     honest = {h for h, b in net.behaviors.items() if b == "honest"}
     reports = {name: net.validator_report(name) for name in net.validators}
     penalized = sorted({h for r in reports.values() if r for h, s in r["scores"].items() if s["penalized"]})
+    flagged = sorted({h for r in reports.values() if r for h in r.get("clasp_flagged_ever", [])})
+    replay_false_positives = sum(v.miner in honest for v in failed)
+    clasp_false_positives = len(set(flagged) & honest)
     return {
         "weights": net.chain_weights(),
         "owner": net.owner,
@@ -438,10 +451,13 @@ def validation_summary(net: Devnet, finished: bool) -> dict[str, Any]:
             "tasks": net.status().validations,
             "replays": len(verdicts),
             "replays_failed": {v.miner: v.verdict.failure for v in failed},
-            "false_positives": sum(v.miner in honest for v in failed),
+            # Honest miners wrongly failed by a replay, plus honest miners flagged by CLASP.
+            "false_positives": replay_false_positives + clasp_false_positives,
+            "replay_false_positives": replay_false_positives,
+            "clasp_false_positives": clasp_false_positives,
             "penalized": penalized,
             "honest_penalized": sorted(set(penalized) & honest),
-            "clasp_flagged": sorted({h for r in reports.values() if r for h in r["clasp_flagged"]}),
+            "clasp_flagged": flagged,
         },
     }
 

@@ -247,7 +247,8 @@ class ValidationBook:
                 MinerEpochWork(
                     hotkey=hotkey,
                     stage=stage,
-                    items=count,
+                    # A tail item is a forward and a backward in one: paid as two, like the stages above.
+                    items=count * 2 if stage == self.n_stages - 1 else count,
                     partitions=record.reduced.get(hotkey, 0) if record else 0,
                     merged=bool(record and hotkey in record.participants and hotkey not in record.excluded),
                     flags=[f.reason for f in record.flagged if f.hotkey == hotkey] if record else [],

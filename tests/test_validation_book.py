@@ -180,7 +180,12 @@ def test_unclaimed_tasks_expire_with_their_objects(tmp_path: Path) -> None:
 def test_the_ledger_counts_accepted_work_partitions_flags_and_verdicts(tmp_path: Path) -> None:
     vb, db, _ = book(tmp_path)
     for seq, (item, miner, stage, kind) in enumerate(
-        [("0.1.0f", "h", 0, "forward"), ("0.1.1f", "b", 1, "forward"), ("0.1.1b", "b", 1, "backward")]
+        [
+            ("0.1.0f", "h", 0, "forward"),
+            ("0.1.1f", "b", 1, "forward"),
+            ("0.1.1b", "b", 1, "backward"),
+            ("0.1.2f", "t", 2, "forward"),
+        ]
     ):
         done(db, item, miner=miner, stage=stage, kind=kind, seq=seq, output=ref(item))
     record = MergeRecord(
@@ -211,4 +216,5 @@ def test_the_ledger_counts_accepted_work_partitions_flags_and_verdicts(tmp_path:
     assert (work["b"].items, work["b"].partitions, work["b"].merged, work["b"].flags) == (2, 2, True, [])
     assert work["r"].items == 0 and work["r"].flags == ["partition 0 differs from the recomputed mean"]
     assert work["h"].items == 1 and not work["h"].merged  # stage 0 has no merge record here
+    assert work["t"].items == 2  # a tail item is a forward and a backward: paid per sample like the others
     assert [(v.miner, v.validator, v.verdict.passed) for v in ledger.verdicts] == [("b", "v", True)]

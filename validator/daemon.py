@@ -42,7 +42,7 @@ from common.protocol import (
 )
 from common.storage import StorageError, download_from_url
 from validator.clasp import estimate_effects, quality
-from validator.replay import ReplayError, replay
+from validator.replay import ReplayError, regime, replay, replay_horizon
 from validator.scoring import MinerScore, ScoringConfig, score_miners, weights_from_scores
 from validator.settings import ValidatorSettings
 
@@ -108,6 +108,8 @@ class ValidatorDaemon:
         self._losses_after = 0
         self.replays = {"passed": 0, "failed": 0, "unreplayable": 0}
         self.last_round: WeightsRound | None = None
+        # Every hotkey CLASP flagged in any round: what the devnet counts false positives from.
+        self.flagged_ever: set[str] = set()
         self._s3 = httpx.Client(timeout=settings.http_timeout_s)
 
     # -- registration ---------------------------------------------------------------------------------------
@@ -169,6 +171,10 @@ class ValidatorDaemon:
                 corpus=self.corpus,
                 fetch=self._fetch,
                 device=self.device,
+                # The miner's regime where this machine can run it (bf16 autocast on CUDA), and a bounded
+                # horizon wherever the replay is not measured exact.
+                autocast=regime(task.device) == regime(self.device) == "cuda-bf16",
+                horizon=replay_horizon(task.device, self.device),
             )
         except (ReplayError, StorageError) as error:
             # Not the miner's fault: report nothing, and the lease expires to another validator.
@@ -228,8 +234,13 @@ class ValidatorDaemon:
         result = self.compute_weights()
         self.chain.set_weights(self.keypair, result.weights)
         self.last_round = result
+        self.flagged_ever.update(result.clasp_flagged)
         if self.settings.report_file:
-            report = {**result.as_json(), "replays": dict(self.replays)}
+            report = {
+                **result.as_json(),
+                "replays": dict(self.replays),
+                "clasp_flagged_ever": sorted(self.flagged_ever),
+            }
             tmp = self.settings.report_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(report, indent=1))
             tmp.replace(self.settings.report_file)
