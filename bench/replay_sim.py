@@ -45,11 +45,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import emit  # noqa: E402
-from common.codec import TensorSpec, content_hash, decode_tensor, encode_tensor  # noqa: E402
+from common.codec import content_hash  # noqa: E402
 from common.config import DataSettings  # noqa: E402
 from common.data import Corpus, SampleSchedule, batch_tokens, make_corpus  # noqa: E402
 from common.merge import encode_slice, encode_state, flatten, partitions  # noqa: E402
-from common.model import ModelConfig, boundary_payload_limit, boundary_shape, build_stage, get_preset  # noqa: E402
+from common.model import ModelConfig, build_stage, get_preset  # noqa: E402
 from common.protocol import (  # noqa: E402
     CheckKind,
     Checkpoint,
@@ -62,6 +62,7 @@ from common.protocol import (  # noqa: E402
     TrainingSpec,
     ValidationTask,
 )
+from common.wire import BoundaryWire  # noqa: E402
 from miner.behaviors import Behavior  # noqa: E402
 from miner.trainer import StageTrainer  # noqa: E402
 from orchestrator.settings import OrchestratorSettings, training_spec  # noqa: E402
@@ -72,7 +73,6 @@ SEED = 7
 # The run's default inner AdamW and wire (fp32, no int8, no lz4): the orchestrator's field defaults.
 TRAINING = training_spec(OrchestratorSettings.model_construct())
 INFINITE = Tolerances(forward=math.inf, backward=math.inf, loss=math.inf, pseudo_gradient=math.inf)
-_WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 T = TypeVar("T")
 
 
@@ -213,15 +213,13 @@ def simulate_epoch(
     miner = trainers[stage]
     start = flatten(miner.weights())
 
-    spec = TensorSpec(boundary_shape(cfg, batch_size, seq_len), training.wire_dtype)
-    max_bytes = boundary_payload_limit(cfg, batch_size, seq_len)
+    wire = BoundaryWire.of(cfg, batch_size, seq_len, training)
 
     def upload(t: torch.Tensor) -> DownloadSource:
-        wire = t.to(_WIRE_DTYPES[training.wire_dtype])
-        return _put(objects, encode_tensor(wire, int8=training.wire_int8, compress=training.wire_compress))
+        return _put(objects, wire.encode(t))
 
     def download(source: DownloadSource) -> torch.Tensor:
-        return decode_tensor(objects[source.key], spec, max_bytes=max_bytes).float()
+        return wire.decode(objects[source.key])
 
     compute_s = 0.0
 

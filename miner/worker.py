@@ -21,10 +21,10 @@ from bittensor.sp_core import Keypair
 from safetensors.torch import save_file
 
 from common.client import ApiError, OrchestratorClient, Resync, Unavailable
-from common.codec import CodecError, TensorSpec, content_hash, decode_tensor, encode_tensor
+from common.codec import CodecError, content_hash
 from common.config import DataSettings
 from common.data import Corpus, batch_tokens, make_corpus
-from common.model import ModelConfig, boundary_payload_limit, boundary_shape
+from common.model import ModelConfig
 from common.protocol import (
     Ack,
     ApplyReport,
@@ -44,13 +44,13 @@ from common.protocol import (
     WorkResponse,
 )
 from common.storage import StorageError, download_from_url, upload_to_url
+from common.wire import BoundaryWire
 from miner.merging import MergeFailed, MergeParticipant, Traffic
 from miner.settings import MinerSettings
 from miner.trainer import StageTrainer, TrainerError
 
 log = logging.getLogger("iota.miner")
 
-_WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _STATUS_EVERY_S = 10.0
 
 
@@ -382,20 +382,16 @@ class MinerWorker:
         except ValueError as error:
             raise BadInput(f"sample ids outside this corpus: {error}") from None
 
-    def _spec(self) -> TensorSpec:
-        reg, cfg = self._session(), self._cfg()
-        shape = boundary_shape(cfg, reg.data.batch_size, reg.data.seq_len)
-        return TensorSpec(shape=shape, dtype=reg.training.wire_dtype)
-
-    def _max_bytes(self) -> int:
-        data = self._session().data
-        return boundary_payload_limit(self._cfg(), data.batch_size, data.seq_len)
+    def _wire(self) -> BoundaryWire:
+        reg = self._session()
+        return BoundaryWire.of(self._cfg(), reg.data.batch_size, reg.data.seq_len, reg.training)
 
     def _download(self, item: WorkItem) -> torch.Tensor:
         source = item.input
         if source is None:
             raise BadInput(f"item {item.item_id} has no input")
-        if source.size > self._max_bytes():
+        wire = self._wire()
+        if source.size > wire.max_bytes:
             raise BadInput(f"input of {source.size} bytes is larger than a boundary tensor")
         with self.timings.measure("download"):
             data = download_from_url(source.url, max_bytes=source.size, client=self._s3)
@@ -403,16 +399,13 @@ class MinerWorker:
             if len(data) != source.size or content_hash(data) != source.sha256:
                 raise BadInput(f"{source.key} is not the object its producer reported (size or sha256)")
             try:
-                tensor = decode_tensor(data, self._spec(), max_bytes=self._max_bytes())
+                return wire.decode(data)
             except CodecError as error:
                 raise BadInput(f"{source.key}: {error}") from None
-        return tensor.float()
 
     def _encode(self, tensor: torch.Tensor) -> bytes:
-        training = self._session().training
         with self.timings.measure("codec"):
-            wire = tensor.to(_WIRE_DTYPES[training.wire_dtype])
-            return encode_tensor(wire, int8=training.wire_int8, compress=training.wire_compress)
+            return self._wire().encode(tensor)
 
     def _fail(self, item: WorkItem, reason: str, *, blame_input: bool) -> None:
         reg = self._session()

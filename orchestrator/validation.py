@@ -50,6 +50,7 @@ class Shadow(BaseModel):
     epoch: int
     stage: int
     miner: str
+    device: str  # the miner's device when the epoch closed: it decides how the replay computes
     seed: int
     version: int
     checkpoint: StoredCheckpoint | None
@@ -91,6 +92,7 @@ class ValidationBook:
                 epoch=state.epoch,
                 stage=state.stage,
                 miner=hotkey,
+                device=self.device_of(hotkey),
                 seed=seed,
                 version=state.version,
                 checkpoint=start,
@@ -214,7 +216,7 @@ class ValidationBook:
             epoch=shadow.epoch,
             stage=shadow.stage,
             miner=shadow.miner,
-            device=self.device_of(shadow.miner),
+            device=shadow.device,
             weights=GlobalWeights(version=shadow.version, seed=shadow.seed, checkpoint=checkpoint),
             ops=ops,
             partitions=shadow.partitions,

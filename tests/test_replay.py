@@ -22,20 +22,23 @@ from bench.replay_sim import (  # noqa: E402
     simulate_epoch,
     torch_threads,
 )
-from common.codec import encode_tensor  # noqa: E402
 from common.data import LocalTextCorpus  # noqa: E402
 from common.merge import decode_slice, encode_slice  # noqa: E402
 from common.model import boundary_shape  # noqa: E402
 from common.protocol import CheckKind, DownloadSource, GlobalWeights, ReplayVerdict, ValidationTask  # noqa: E402
+from common.wire import BoundaryWire  # noqa: E402
 from miner.behaviors import Behavior  # noqa: E402
 from validator.replay import (  # noqa: E402
     CROSS_REGIME_HORIZON,
     DEFAULT_TOLERANCES,
+    EXACT_TOLERANCES,
     ReplayError,
+    ReplayMode,
+    Tolerances,
     regime,
     relative_error,
     replay,
-    replay_horizon,
+    replay_mode,
 )
 
 # Small epochs keep the file fast. 8 samples still cover every case the simulation has: two forwards in
@@ -71,9 +74,10 @@ def run(
     *,
     threads: int | None = None,
     horizon: int | None = None,
+    tolerances: Tolerances = DEFAULT_TOLERANCES,
 ) -> ReplayVerdict:
     with torch_threads(threads):
-        return sim.replay(DEFAULT_TOLERANCES, task=task, horizon=horizon)
+        return sim.replay(tolerances, task=task, horizon=horizon)
 
 
 def assert_fails(
@@ -102,8 +106,7 @@ def first_op(task: ValidationTask, kind: str) -> int:
 
 def boundary_bytes(sim: Simulation, t: torch.Tensor) -> bytes:
     """`t` encoded in the run's wire format: a well-formed upload of a boundary tensor."""
-    wire = {"float32": torch.float32, "bfloat16": torch.bfloat16}[sim.training.wire_dtype]
-    return encode_tensor(t.to(wire), int8=sim.training.wire_int8, compress=sim.training.wire_compress)
+    return BoundaryWire.of(sim.cfg, sim.data.batch_size, sim.data.seq_len, sim.training).encode(t)
 
 
 def random_boundary(sim: Simulation, seed: int) -> torch.Tensor:
@@ -160,12 +163,37 @@ def test_honest_miner_on_one_thread_passes_a_two_thread_replay(stage: int) -> No
     assert verdict.passed, verdict.failure
 
 
-def test_only_cpu_fp32_on_both_sides_gets_a_whole_epoch_replay() -> None:
-    assert replay_horizon("cpu", "cpu") is None
-    assert replay_horizon("cuda:0", "cpu") == CROSS_REGIME_HORIZON
-    assert replay_horizon("cpu", "cuda") == CROSS_REGIME_HORIZON
-    assert replay_horizon("cuda", "cuda:1") == CROSS_REGIME_HORIZON  # not measured without a GPU
-    assert regime("cuda:3") == "cuda-bf16" and regime("cpu") == "cpu-fp32"
+def test_only_cpu_fp32_on_both_sides_gets_a_whole_epoch_replay_with_exact_tolerances() -> None:
+    assert replay_mode("cpu", "cpu") == ReplayMode(autocast=False, horizon=None, tolerances=EXACT_TOLERANCES)
+    assert replay_mode("cpu:0", "cpu").horizon is None
+    bounded = ReplayMode(autocast=False, horizon=CROSS_REGIME_HORIZON, tolerances=DEFAULT_TOLERANCES)
+    assert replay_mode("cuda:0", "cpu") == bounded
+    assert replay_mode("cpu", "cuda") == bounded
+    assert replay_mode("unknown", "cpu") == bounded  # an unreported device is never taken for exact
+    assert replay_mode("mps", "cpu") == bounded
+    # CUDA against CUDA: the miner's regime (bf16 autocast), but not measured without a GPU: bounded.
+    assert replay_mode("cuda", "cuda:1") == ReplayMode(True, CROSS_REGIME_HORIZON, DEFAULT_TOLERANCES)
+    assert regime("cuda:3") == "cuda-bf16" and regime("cpu") == "cpu-fp32" and regime("") == "other"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("condition", ["same", "threads"])
+def test_honest_cpu_work_passes_the_exact_tolerances(stage: int, condition: str) -> None:
+    verdict = run(simulation(stage, condition), threads=2, tolerances=EXACT_TOLERANCES)
+    assert verdict.passed, verdict.failure
+
+
+def test_exact_tolerances_catch_a_slightly_scaled_pseudo_gradient_the_loose_ones_let_through() -> None:
+    """Why the exact regime has its own tolerances: a miner that shrinks its merge contribution by 10%
+    would pass the cross-regime tolerances (0.3), but not a replay that is exact."""
+    sim = simulation(BODY)
+    span, source = sim.task.partitions[0], sim.task.pseudo_gradient[0]
+    values = decode_slice(sim.objects[source.key], span.end - span.start)
+    sources = [sim.put(encode_slice(values * 0.9)), *sim.task.pseudo_gradient[1:]]
+    task = sim.task.model_copy(update={"pseudo_gradient": sources})
+    assert run(sim, task).passed
+    verdict = run(sim, task, tolerances=EXACT_TOLERANCES)
+    assert not verdict.passed and (verdict.failure or "").startswith("pseudo_gradient:"), verdict.failure
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -1,9 +1,11 @@
 """CLASP (Contribution Loss Assessment via Sampling of Pathways): which miner makes the loss worse.
 
 Every sample crosses one miner per stage (its pathway) and only the tail sees the loss, so a miner that
-corrupts its outputs cannot be seen at its own stage. Because the orchestrator routes samples at random,
-each miner's samples are a random subset of the log; a miner that damages its samples is the one whose
-samples have a higher loss than those of its peers at the same stage, whatever the other stages did.
+corrupts its outputs cannot be seen at its own stage. The orchestrator picks sample ids from its seeded
+schedule whichever miner asks, so a sample's difficulty does not depend on who handles it (routing
+itself is first come, first served: which miners share a pathway depends on timing, which the joint fit
+below separates); a miner that damages its samples is the one whose samples have a higher loss than
+those of its peers at the same stage, whatever the other stages did.
 
 The estimator, on the orchestrator's loss log (`common.protocol.LossRecord`):
 

@@ -42,7 +42,7 @@ from common.protocol import (
 )
 from common.storage import StorageError, download_from_url
 from validator.clasp import estimate_effects, quality
-from validator.replay import ReplayError, regime, replay, replay_horizon
+from validator.replay import ReplayError, replay, replay_mode
 from validator.scoring import MinerScore, ScoringConfig, score_miners, weights_from_scores
 from validator.settings import ValidatorSettings
 
@@ -162,6 +162,7 @@ class ValidatorDaemon:
 
     def validate(self, task: ValidationTask) -> ReplayVerdict | None:
         reg = self._registered()
+        mode = replay_mode(task.device, self.device)
         try:
             verdict = replay(
                 task,
@@ -171,15 +172,18 @@ class ValidatorDaemon:
                 corpus=self.corpus,
                 fetch=self._fetch,
                 device=self.device,
-                # The miner's regime where this machine can run it (bf16 autocast on CUDA), and a bounded
-                # horizon wherever the replay is not measured exact.
-                autocast=regime(task.device) == regime(self.device) == "cuda-bf16",
-                horizon=replay_horizon(task.device, self.device),
+                autocast=mode.autocast,
+                horizon=mode.horizon,
+                tolerances=mode.tolerances,
             )
         except (ReplayError, StorageError) as error:
             # Not the miner's fault: report nothing, and the lease expires to another validator.
             self.replays["unreplayable"] += 1
             log.warning("could not replay task %s (%s): %s", task.task_id, task.miner[:8], error)
+            return None
+        except Exception:  # our own failure (out of memory, a bug): blame nobody, and keep validating
+            self.replays["unreplayable"] += 1
+            log.exception("replaying task %s (%s) failed", task.task_id, task.miner[:8])
             return None
         self.client.post(
             "/v1/validators/verdict",

@@ -44,11 +44,12 @@ from typing import NoReturn
 
 import torch
 
-from common.codec import CodecError, TensorSpec, content_hash, decode_tensor, encode_tensor
+from common.codec import CodecError, content_hash
 from common.data import Corpus, batch_tokens
 from common.merge import decode_slice, decode_state, flatten
-from common.model import ModelConfig, boundary_payload_limit, boundary_shape
+from common.model import ModelConfig
 from common.protocol import (
+    MAX_REASON_CHARS,
     CheckKind,
     DataSpec,
     DownloadSource,
@@ -57,9 +58,9 @@ from common.protocol import (
     TrainingSpec,
     ValidationTask,
 )
+from common.wire import BoundaryWire
 from miner.trainer import StageTrainer, TrainerError
 
-_WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _TINY = 1e-12  # the floor of a reference norm in `relative_error`
 
 
@@ -101,6 +102,9 @@ class Tolerances:
 
 
 DEFAULT_TOLERANCES = Tolerances(forward=0.03, backward=0.15, loss=0.02, pseudo_gradient=0.3)
+# In the miner's own regime (fp32 on the CPU) every honest error measured exactly 0; these leave room for
+# another CPU's kernels only, and fail a pseudo-gradient scaled by 0.99 or a loss off by 0.001 nats.
+EXACT_TOLERANCES = Tolerances(forward=1e-3, backward=1e-2, loss=1e-3, pseudo_gradient=1e-2)
 
 # Optimizer steps a cross-regime replay checks: the honest bf16-vs-fp32 drift first passed a tolerance
 # after 12 steps (tiny preset, tail_grad); 8 keeps a margin. Every cheat we know fails at its first op.
@@ -108,15 +112,29 @@ CROSS_REGIME_HORIZON = 8
 
 
 def regime(device: str) -> str:
-    """How a miner on `device` computes: bf16 autocast on CUDA, fp32 elsewhere (`StageTrainer`'s rule)."""
-    return "cuda-bf16" if device.startswith("cuda") else "cpu-fp32"
+    """How a miner on `device` computes (`StageTrainer`'s rule): bf16 autocast on CUDA, fp32 on the CPU;
+    anything else (an unknown or unreported device) is "other", which is never taken for exact."""
+    if device.startswith("cuda"):
+        return "cuda-bf16"
+    return "cpu-fp32" if device == "cpu" or device.startswith("cpu:") else "other"
 
 
-def replay_horizon(miner_device: str, validator_device: str) -> int | None:
-    """The steps a replay may check: all of them (None) where replay is measured exact, fp32 on the CPU on
-    both sides; `CROSS_REGIME_HORIZON` otherwise (CUDA against CUDA included: not measured, no GPU here)."""
-    exact = regime(miner_device) == regime(validator_device) == "cpu-fp32"
-    return None if exact else CROSS_REGIME_HORIZON
+@dataclass(frozen=True)
+class ReplayMode:
+    autocast: bool  # replay under bf16 autocast (the miner's regime, where this machine can run it)
+    horizon: int | None  # optimizer steps checked; None: the whole epoch
+    tolerances: Tolerances
+
+
+def replay_mode(miner_device: str, validator_device: str) -> ReplayMode:
+    """How to replay a miner's work on this validator: the whole epoch with `EXACT_TOLERANCES` where the
+    replay is measured exact (fp32 on the CPU on both sides); otherwise up to `CROSS_REGIME_HORIZON` with
+    `DEFAULT_TOLERANCES`, under bf16 autocast when both are on CUDA (CUDA against CUDA: not measured)."""
+    miner, validator = regime(miner_device), regime(validator_device)
+    if miner == validator == "cpu-fp32":
+        return ReplayMode(autocast=False, horizon=None, tolerances=EXACT_TOLERANCES)
+    both_cuda = miner == validator == "cuda-bf16"
+    return ReplayMode(autocast=both_cuda, horizon=CROSS_REGIME_HORIZON, tolerances=DEFAULT_TOLERANCES)
 
 
 def relative_error(claimed: torch.Tensor, replayed: torch.Tensor) -> float:
@@ -159,8 +177,9 @@ def replay(
     """Replay `task` and judge it; stops at the first failing check. `fetch` returns an object's raw
     bytes (size and sha256 are checked here); `on_check` sees every comparison (for calibration).
 
-    With `horizon`, the replay stops before the first op that would take the replay past `horizon`
-    optimizer steps, and skips the pseudo-gradient and step checks (a cross-regime replay, see above)."""
+    With `horizon` (a cross-regime replay, see above), the replay stops before the first backward or tail
+    op once it has taken `horizon` optimizer steps, and then skips the pseudo-gradient and step checks;
+    an epoch that fits inside the horizon is checked whole."""
     return _Replay(
         task, cfg, training, data, corpus, fetch, device, autocast, tolerances, horizon, on_check
     ).run()
@@ -188,8 +207,7 @@ class _Replay:
         self.task, self.training, self.data, self.corpus = task, training, data, corpus
         self.fetch, self.tol, self.on_check, self.horizon = fetch, tolerances, on_check, horizon
         self.is_head, self.is_tail = task.stage == 0, task.stage == cfg.n_stages - 1
-        self.spec = TensorSpec(boundary_shape(cfg, data.batch_size, data.seq_len), training.wire_dtype)
-        self.max_bytes = boundary_payload_limit(cfg, data.batch_size, data.seq_len)
+        self.wire = BoundaryWire.of(cfg, data.batch_size, data.seq_len, training)
         self.trainer = StageTrainer(
             cfg, task.stage, training, seed=task.weights.seed, device=device, autocast=autocast
         )
@@ -349,7 +367,7 @@ class _Replay:
         if op.input is None:
             raise ReplayError(f"{where}: no input")
         try:
-            return decode_tensor(self._fetch(op.input), self.spec, max_bytes=self.max_bytes).float()
+            return self.wire.decode(self._fetch(op.input))
         except CodecError as error:
             raise ReplayError(f"{where}: its input does not decode: {error}") from None
 
@@ -360,18 +378,14 @@ class _Replay:
         if source is None:
             raise ReplayError(f"{where}: no output recorded")
         try:
-            return decode_tensor(self._fetch(source), self.spec, max_bytes=self.max_bytes).float()
+            return self.wire.decode(self._fetch(source))
         except CodecError as error:
             self._fail(kind, f"{where}: the uploaded output does not decode: {error}")
 
     def _wire(self, tensor: torch.Tensor, where: str) -> torch.Tensor:
         """`tensor` as it would arrive after the run's wire format, exactly as the miner encodes it."""
-        t = self.training
         try:
-            data = encode_tensor(
-                tensor.to(_WIRE_DTYPES[t.wire_dtype]), int8=t.wire_int8, compress=t.wire_compress
-            )
-            return decode_tensor(data, self.spec, max_bytes=self.max_bytes).float()
+            return self.wire.decode(self.wire.encode(tensor))
         except CodecError as error:
             raise ReplayError(
                 f"{where}: the replay's own output is not a valid boundary tensor: {error}"
@@ -379,12 +393,13 @@ class _Replay:
 
     def _check(self, index: int, kind: CheckKind, error: float, tolerance: float, where: str) -> None:
         self.checks += 1
-        self.worst[kind] = max(self.worst.get(kind, 0.0), error)
+        if math.isfinite(error):  # the verdict carries finite figures; a non-finite error fails below
+            self.worst[kind] = max(self.worst.get(kind, 0.0), error)
         if self.on_check is not None:
             self.on_check(index, kind, error)
-        if error > tolerance:
+        if not error <= tolerance:  # a NaN error fails too
             self._fail(kind, f"{where}: error {error:.3g} > tolerance {tolerance:.3g}")
 
     def _fail(self, kind: CheckKind, message: str) -> NoReturn:
-        self.failure = f"{kind}: {message}"[:500]
+        self.failure = f"{kind}: {message}"[:MAX_REASON_CHARS]
         raise _Stop
