@@ -266,9 +266,12 @@ def run_devnet_command(
             table.add_row(hotkey[:12], behavior, f"{weight:.4f}")
         console.print(table)
         v = result["validation"]
+        unpaid = sorted({h for h in result["behaviors"] if h not in result["weights"]})
         console.print(
-            f"replays: {v['replays']} judged, {len(v['replays_failed'])} failed, "
-            f"{v['false_positives']} false positives"
+            f"replays: {v['replays']} judged, {v['tasks'].get('failed', 0)} failed "
+            f"({len(v['replays_failed'])} miners), {v['false_positives']} false positives "
+            f"(replay {v['replay_false_positives']}, CLASP {v['clasp_false_positives']}); "
+            f"{len(unpaid)} miners unpaid"
         )
     if result["export"]:
         console.print(

@@ -52,7 +52,7 @@ class DevnetOptions:
     extra_env: dict[str, str] = field(default_factory=dict)
     snapshots: bool = False  # miners save their stage's weights to logs/<name>.safetensors on exit
     merge_every: int = 64  # samples per epoch; 0: never merge
-    validators: int = 1
+    validators: int = 0  # `iota devnet` runs one; tests that need none save the CPU
     validation_fraction: float = 0.25  # chance that a miner's epoch is replayed
     burn_fraction: float = 0.0  # share of the weights validators set on the owner's uid 0
     weights_interval_s: float = 5.0

@@ -24,7 +24,7 @@ def test_cheaters_end_below_five_percent_of_honest_weight_and_honest_miners_are_
         miners_per_stage=2,
         batch_size=4,
         seq_len=64,
-        duration_s=100.0,
+        duration_s=60.0,
         merge_every=16,
         workdir=tmp_path,
         behaviors=ADVERSARIES,
@@ -40,7 +40,7 @@ def test_cheaters_end_below_five_percent_of_honest_weight_and_honest_miners_are_
 
     # Honest miners: never failed by a replay, never penalized, and paid.
     honest = [h for h, b in behaviors.items() if b == "honest"]
-    assert validation["false_positives"] == 0, validation["replays_failed"]
+    assert validation["false_positives"] == 0, validation
     assert validation["honest_penalized"] == [], validation
     assert all(weights.get(h, 0.0) > 0 for h in honest), weights
     mean_honest = statistics.fmean(weights.get(h, 0.0) for h in honest)
