@@ -58,8 +58,9 @@ class DevnetOptions:
     weights_interval_s: float = 5.0
 
 
-# A tail that lies about its loss only lies at the tail; the devnet puts it there.
-_BEHAVIOR_STAGE = {"wrong-loss": -1}
+# Each misbehaviour where it does something: a tail that lies about its loss at the tail; one that corrupts
+# its forward outputs at the last stage that has forward outputs (the tail has none); zero-grad anywhere.
+_BEHAVIOR_STAGE = {"wrong-loss": -1, "random-output": -2, "scaled-output": -2, "copy-input": -2}
 
 
 def parse_adversaries(spec: str) -> list[str]:

@@ -48,22 +48,18 @@ def iota(net: Devnet, *args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def two_per_stage(
-    tmp_path: Path, samples: int, *, merge_every: int, validators: int = 0, **env: str
-) -> DevnetOptions:
+def two_per_stage(tmp_path: Path, samples: int, *, merge_every: int, **env: str) -> DevnetOptions:
     """Two replicas of every stage, small batches, snapshots of the weights when the miners stop."""
     return DevnetOptions(
         miners_per_stage=2, batch_size=4, seq_len=64, workdir=tmp_path, snapshots=True,
-        merge_every=merge_every, validators=validators,
-        extra_env={"IOTA_ORCH_MAX_SAMPLES": str(samples), **env},
+        merge_every=merge_every, extra_env={"IOTA_ORCH_MAX_SAMPLES": str(samples), **env},
     )  # fmt: skip
 
 
 def test_replicas_merge_to_identical_weights_and_the_checkpoint_exports_and_samples(tmp_path: Path) -> None:
     samples = 20
-    # The last epoch is short of 10 samples: it ends on time, so the run ends right after a merge. A
-    # validator runs beside, as in production: shadowing and replays must not disturb the merge.
-    options = two_per_stage(tmp_path, samples, merge_every=10, validators=1, IOTA_ORCH_EPOCH_MAX_S="8")
+    # The last epoch is short of 10 samples: it ends on time, so the run ends right after a merge.
+    options = two_per_stage(tmp_path, samples, merge_every=10, IOTA_ORCH_EPOCH_MAX_S="8")
     with Devnet(options) as net:
         net.launch(["honest"] * 6, threads=1, timeout_s=90)
         status = net.wait_for(lambda s: merged_after_training(s, samples, 6), timeout_s=180)
