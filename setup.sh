@@ -57,7 +57,12 @@ pip_install() {
 }
 
 # Torch first, so that the project's own `torch>=` range is already satisfied and pip keeps this build.
-have_torch=$("$py" -c 'import torch; print("cuda" if torch.version.cuda else "cpu")' 2>/dev/null || true)
+# torch's version file, read without importing torch (seconds), so that an up-to-date setup stays fast.
+torch_version() {
+  "$py" -c 'import importlib.util as u, pathlib as p, sys; s = u.find_spec("torch"); v = {}
+exec(p.Path(s.origin).with_name("version.py").read_text(), v); print(v[sys.argv[1]] or "")' "$1" 2>/dev/null
+}
+have_torch=$(cuda=$(torch_version cuda) && { [ -n "$cuda" ] && echo cuda || echo cpu; } || true)
 if [ "$have_torch" != "$torch_flavor" ] && ! { [ "$torch_flavor" = cpu ] && [ -n "$have_torch" ]; }; then
   index=()
   [ -n "${TORCH_INDEX_URL:-}" ] && index=( --index-url "$TORCH_INDEX_URL" )
@@ -70,13 +75,21 @@ if [ "$have_torch" != "$torch_flavor" ] && ! { [ "$torch_flavor" = cpu ] && [ -n
   fi
 fi
 
+dev_extras="[dev,hf]"
 extras=""
 # dev includes the hf extra so that the tests exercise the Hugging Face corpus (offline, on local files).
-[ "$role" = dev ] && extras="[dev,hf]"
+[ "$role" = dev ] && extras="$dev_extras"
 stamp=".venv/.iota-installed-$role"
 # The stamp is keyed on the extras too, so that changing what a role installs re-runs pip.
-want="$(printf '%s\n' "$extras" | cat pyproject.toml - | sha256sum | cut -c1-16)"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+stamp_of() { printf '%s\n' "$1" | cat pyproject.toml - | sha256sum | cut -c1-16; }
+want="$(stamp_of "$extras")"
+# The dev install is a superset of every daemon role's: a current dev stamp satisfies them too.
+dev_current() {
+  [ -f .venv/.iota-installed-dev ] && [ "$(cat .venv/.iota-installed-dev)" = "$(stamp_of "$dev_extras")" ]
+}
+if [ "$role" != dev ] && dev_current; then
+  say "iota$dev_extras (a superset of the $role's needs) is up to date"
+elif [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   say "installing iota$extras and its dependencies"
   pip_install -e ".$extras"
   echo "$want" > "$stamp"
@@ -84,8 +97,23 @@ else
   say "iota$extras is up to date"
 fi
 
-if [ "$role" != dev ] && [ ! -f .env ]; then
-  cp .env.example .env
-  say "created .env from .env.example: edit it before starting the $role"
+# The dashboard's browser test (tests/test_dashboard.py) drives Debian's chromium. Install it where we can;
+# never fail setup over it.
+if [ "$role" = dev ] && ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    say "installing chromium for the dashboard's browser test"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+        >.venv/apt.log 2>&1; then
+      echo "setup: could not install chromium (see .venv/apt.log); the browser test will fail under CI" >&2
+    fi
+  else
+    echo "setup: chromium is missing (apt-get install chromium, as root); the browser test will fail under CI" >&2
+  fi
 fi
-say "done ($role, torch $("$py" -c 'import torch; print(torch.__version__)'))"
+
+env_file="${IOTA_ENV_FILE:-.env}"
+if [ "$role" != dev ] && [ ! -f "$env_file" ]; then
+  cp .env.example "$env_file"
+  say "created $env_file from .env.example: edit it before starting the $role"
+fi
+say "done ($role, torch $(torch_version __version__))"

@@ -6,6 +6,8 @@ Each group has its own prefix (IOTA_S3_, IOTA_CHAIN_, ...) and is documented fie
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -13,9 +15,14 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def env_file() -> str:
+    """The settings file: IOTA_ENV_FILE (which the start scripts also read), else `.env`."""
+    return os.environ.get("IOTA_ENV_FILE") or ".env"
+
+
 def _config(prefix: str) -> SettingsConfigDict:
     # Empty values in .env mean "use the default", so .env.example can list optional settings blank.
-    return SettingsConfigDict(env_prefix=prefix, env_file=".env", env_ignore_empty=True, extra="ignore")
+    return SettingsConfigDict(env_prefix=prefix, env_file=env_file(), env_ignore_empty=True, extra="ignore")
 
 
 class WalletSettings(BaseSettings):
@@ -160,6 +167,28 @@ class DataSettings(BaseSettings):
     )
 
 
+with warnings.catch_warnings():
+    # The field is `json` so that its variable is IOTA_LOG_JSON; it shadows BaseModel's deprecated .json().
+    warnings.filterwarnings("ignore", message='Field name "json"', category=UserWarning)
+
+    class LogSettings(BaseSettings):
+        """How every daemon logs; the command line's --json-logs and --log-level win over these."""
+
+        model_config = _config("IOTA_LOG_")
+
+        json: bool = Field(  # type: ignore[assignment]
+            False, description="One JSON object per line (ts, level, logger, msg) instead of readable lines."
+        )
+        level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+            "INFO", description="Lowest level logged."
+        )
+
+        @field_validator("level", mode="before")
+        @classmethod
+        def _upper(cls, value: object) -> object:
+            return value.upper() if isinstance(value, str) else value
+
+
 # Every settings group, so that .env.example can be checked against them.
 ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
     WalletSettings,
@@ -168,4 +197,5 @@ ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
     AuthSettings,
     ModelSettings,
     DataSettings,
+    LogSettings,
 )

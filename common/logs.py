@@ -9,6 +9,12 @@ import time
 
 
 class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts (unix seconds), level, logger, msg, and role when the daemon names it."""
+
+    def __init__(self, role: str = "") -> None:
+        super().__init__()
+        self.role = role
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "ts": round(record.created, 3),
@@ -16,6 +22,8 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if self.role:
+            entry["role"] = self.role
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -25,7 +33,7 @@ def setup_logging(*, json_lines: bool = False, level: str = "INFO", name: str = 
     """Configure the root logger once for a daemon process; `name` tags each human-readable line."""
     handler = logging.StreamHandler(sys.stderr)
     if json_lines:
-        handler.setFormatter(_JsonFormatter())
+        handler.setFormatter(_JsonFormatter(name))
     else:
         tag = f"{name} " if name else ""
         formatter = logging.Formatter(f"%(asctime)s {tag}%(levelname)s %(message)s", "%H:%M:%S")

@@ -3,19 +3,32 @@
 Only the orchestrator holds S3 credentials (`ObjectStore`); it hands miners presigned URLs, and miners move
 bytes with the module functions `upload_to_url`, `download_from_url` and `upload_multipart`, which need
 nothing but those URLs. Every failure surfaces as `StorageError`.
+
+Transfers of at least `PROGRESS_MIN_BYTES` (weights, checkpoints) report progress: a rich bar when stderr is
+a terminal, else an INFO log line at most every quarter or few seconds. Smaller ones (the activations and
+gradients of the hot path) take the plain code path, with no progress bookkeeping at all.
 """
 
 from __future__ import annotations
 
+import io
+import logging
 import math
 import re
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from types import TracebackType
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import boto3
 import httpx
+from boto3.exceptions import S3UploadFailedError
+from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field
@@ -41,6 +54,15 @@ _MAX_PRESIGN_S = 7 * 24 * 3600  # SigV4 presigned URLs cannot live longer than a
 _ERROR_EXCERPT_CHARS = 300
 
 DEFAULT_TIMEOUT_S = 60.0
+
+log = logging.getLogger(__name__)
+
+# Transfers this large or larger report progress; read at call time so tests can lower it.
+PROGRESS_MIN_BYTES = 16 * 2**20
+PROGRESS_LOG_EVERY_S = 5.0
+_PROGRESS_LOG_STEPS = 4  # a log line at each quarter, besides the time-based ones
+_CHUNK_BYTES = 2**20  # the slice size of streamed uploads and reads that report progress
+_MIB = 2**20
 
 
 class StorageError(RuntimeError):
@@ -81,6 +103,117 @@ class RetryPolicy(BaseModel):
 
 
 DEFAULT_RETRY = RetryPolicy()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Progress of long transfers
+
+
+def progress_line(verb: str, label: str, done: int, total: int, elapsed_s: float) -> str:
+    """One progress report, e.g. "uploading checkpoint stage 1: 64/256 MiB, 21 MiB/s"."""
+    rate = done / elapsed_s / _MIB if elapsed_s > 0 else 0.0
+    return f"{verb} {label}: {done / _MIB:,.0f}/{total / _MIB:,.0f} MiB, {rate:,.1f} MiB/s"
+
+
+def progress_log_due(done: int, total: int, logged_done: int, since_logged_s: float) -> bool:
+    """Whether a log line is due: `done` reached a quarter `logged_done` had not, or it has been a while."""
+    if total <= 0 or done <= logged_done:
+        return False
+    if since_logged_s >= PROGRESS_LOG_EVERY_S:
+        return True
+    return done * _PROGRESS_LOG_STEPS // total > logged_done * _PROGRESS_LOG_STEPS // total
+
+
+# At most one rich bar at a time: concurrent transfers (a miner's threads) fall back to log lines rather
+# than fight over the terminal.
+_BAR_LOCK = threading.Lock()
+
+
+class TransferProgress:
+    """Progress of one transfer of `total` bytes; `advance` is thread-safe and takes negative steps (a
+    rewound retry). Use as a context manager, or call `close`."""
+
+    def __init__(
+        self, verb: str, label: str, total: int, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.verb, self.label, self.total = verb, label, total
+        self.done = 0
+        self._clock = clock
+        self._start = self._logged_at = clock()
+        self._logged_done = 0
+        self._lock = threading.Lock()
+        self._bar: Any = None
+        if sys.stderr.isatty() and _BAR_LOCK.acquire(blocking=False):
+            self._bar = self._start_bar()
+
+    def _start_bar(self) -> Any:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self._task = bar.add_task(f"{self.verb} {self.label}", total=self.total)
+        bar.start()
+        return bar
+
+    def advance(self, n: int) -> None:
+        with self._lock:
+            self.done = min(self.total, max(0, self.done + n))
+            if self._bar is not None:
+                self._bar.update(self._task, completed=self.done)
+                return
+            now = self._clock()
+            if not progress_log_due(self.done, self.total, self._logged_done, now - self._logged_at):
+                return
+            self._logged_done, self._logged_at = self.done, now
+            line = progress_line(self.verb, self.label, self.done, self.total, now - self._start)
+        log.info(line)
+
+    def close(self) -> None:
+        with self._lock:
+            bar, self._bar = self._bar, None
+        if bar is not None:
+            bar.stop()
+            _BAR_LOCK.release()
+
+    def __enter__(self) -> TransferProgress:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _progress_for(verb: str, total: int, label: str | None, url: str = "") -> TransferProgress | None:
+    """A progress reporter for a transfer of `total` bytes named `label` (else by `url`'s path), or None
+    below the threshold: small transfers pay one comparison."""
+    if total < PROGRESS_MIN_BYTES:
+        return None
+    return TransferProgress(verb, label or _url_label(url), total)
+
+
+@contextmanager
+def _optional(progress: TransferProgress | None) -> Iterator[TransferProgress | None]:
+    try:
+        yield progress
+    finally:
+        if progress is not None:
+            progress.close()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -136,14 +269,22 @@ class ObjectStore:
         self._presign_expiry_s = presign_expiry_s
 
     @classmethod
-    def from_settings(cls, settings: S3Settings) -> ObjectStore:
+    def from_settings(
+        cls,
+        settings: S3Settings,
+        *,
+        connect_timeout_s: float = 10.0,
+        read_timeout_s: float = 60.0,
+        attempts: int = 4,
+    ) -> ObjectStore:
+        """The store `settings` describe; a preflight check passes short timeouts and one attempt."""
         config = Config(
             # Without these some stores get SigV2 or virtual-host URLs that 127.0.0.1 and R2 cannot serve.
             signature_version="s3v4",
             s3={"addressing_style": "path"},
-            retries={"max_attempts": 4, "mode": "standard"},
-            connect_timeout=10,
-            read_timeout=60,
+            retries={"max_attempts": attempts, "mode": "standard"},
+            connect_timeout=connect_timeout_s,
+            read_timeout=read_timeout_s,
         )
         client = boto3.client(
             "s3",
@@ -167,6 +308,8 @@ class ObjectStore:
         except ClientError as e:
             if _status(e) != 404:
                 raise _wrap(e, f"head bucket {self.bucket}") from e
+        except BotoCoreError as e:  # no connection, no credentials: no HTTP status to go by
+            raise StorageError(f"head bucket {self.bucket}: {e}") from e
         kwargs: dict[str, Any] = {"Bucket": self.bucket}
         # us-east-1 rejects an explicit LocationConstraint; R2's "auto" is not a location.
         if self._region not in ("us-east-1", "auto"):
@@ -176,6 +319,8 @@ class ObjectStore:
         except ClientError as e:
             if _code(e) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise _wrap(e, f"create bucket {self.bucket}") from e
+        except BotoCoreError as e:
+            raise StorageError(f"create bucket {self.bucket}: {e}") from e
 
     # -- presigning -----------------------------------------------------------------------------------
 
@@ -226,8 +371,9 @@ class ObjectStore:
         except BotoCoreError as e:
             raise StorageError(f"{what} {key}: {e}") from e
 
-    def get_bytes(self, key: str, *, max_bytes: int) -> bytes:
-        """The whole object, refusing (before reading it) one larger than `max_bytes`."""
+    def get_bytes(self, key: str, *, max_bytes: int, label: str | None = None) -> bytes:
+        """The whole object, refusing (before reading it) one larger than `max_bytes`. `label` names it in
+        progress reports (default: the key)."""
         info = self.head(key)
         if info is None:
             raise StorageError(f"get {key}: no such object", status=404)
@@ -235,41 +381,49 @@ class ObjectStore:
             raise StorageError(f"get {key}: {info.size} bytes exceeds the limit of {max_bytes}")
         with _s3_errors(f"get {key}"):
             resp = self._s3.get_object(Bucket=self.bucket, Key=key)
-            body = resp["Body"]
-            try:
-                # The object may have been replaced since the HEAD; never read past the limit regardless.
-                data: bytes = body.read(max_bytes + 1)
-            finally:
-                body.close()
+            # The object may have been replaced since the HEAD; never read past the limit regardless.
+            data = _read_body(resp["Body"], max_bytes + 1, label or key, info.size)
         if len(data) > max_bytes:
             raise StorageError(f"get {key}: object grew past the limit of {max_bytes} bytes")
         return data
 
-    def get_exact(self, key: str, size: int) -> bytes | None:
+    def get_exact(self, key: str, size: int, *, label: str | None = None) -> bytes | None:
         """The object if it has exactly `size` bytes, else None (missing, shorter or longer): one GET."""
         resp = self._call_or_none("get", key, self._s3.get_object)
         if resp is None:
             return None
-        body = resp["Body"]
-        try:
-            with _s3_errors(f"get {key}"):
-                data: bytes = body.read(size + 1)
-        finally:
-            body.close()
+        with _s3_errors(f"get {key}"):
+            data = _read_body(resp["Body"], size + 1, label or key, size)
         return data if len(data) == size else None
 
-    def get_verified(self, key: str, size: int, sha256: str) -> bytes | None:
+    def get_verified(self, key: str, size: int, sha256: str, *, label: str | None = None) -> bytes | None:
         """The object if it is exactly what its producer announced (size and sha256), else None: the bucket
         is shared and a presigned PUT cannot pin the content, so what a reader trusts it checks itself."""
-        data = self.get_exact(key, size)
+        data = self.get_exact(key, size, label=label)
         return data if data is not None and content_hash(data) == sha256 else None
 
-    def put_bytes(self, key: str, data: bytes) -> str:
-        """Store `data` under `key`; returns the ETag."""
+    def put_bytes(self, key: str, data: bytes, *, label: str | None = None) -> str:
+        """Store `data` under `key`; returns the ETag. `label` names it in progress reports (default: the
+        key)."""
         validate_key(key)
-        with _s3_errors(f"put {key}"):
-            resp = self._s3.put_object(Bucket=self.bucket, Key=key, Body=data)
-        return _unquote_etag(resp["ETag"])
+        progress = _progress_for("uploading", len(data), label or key)
+        if progress is None:
+            with _s3_errors(f"put {key}"):
+                resp = self._s3.put_object(Bucket=self.bucket, Key=key, Body=data)
+            return _unquote_etag(resp["ETag"])
+        with progress, _s3_errors(f"put {key}"):
+            try:
+                # The transfer manager reports bytes through Callback (negative ones when a part is retried)
+                # and sends large objects in parallel parts.
+                self._s3.upload_fileobj(
+                    io.BytesIO(data), self.bucket, key, Callback=progress.advance, Config=_TRANSFER_CONFIG
+                )
+            except S3UploadFailedError as e:
+                raise StorageError(f"put {key}: {e}") from e
+        info = self.head(key)  # upload_fileobj does not return the ETag
+        if info is None:
+            raise StorageError(f"put {key}: the object is missing right after its upload")
+        return info.etag
 
     def delete(self, keys: list[str]) -> None:
         """Delete `keys` (missing ones are fine), in batches of the 1000 that DeleteObjects allows."""
@@ -328,6 +482,33 @@ class ObjectStore:
             self._s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
 
 
+# Large uploads through ObjectStore: parts of 16 MiB, a few in parallel.
+_TRANSFER_CONFIG = TransferConfig(
+    multipart_threshold=16 * _MIB, multipart_chunksize=16 * _MIB, max_concurrency=4
+)
+
+
+def _read_body(body: Any, limit: int, label: str, expected: int) -> bytes:
+    """Up to `limit` bytes of a GetObject body, closing it; in slices with progress when `expected` is
+    large, in one read otherwise."""
+    try:
+        progress = _progress_for("downloading", expected, label)
+        if progress is None:
+            data: bytes = body.read(limit)
+            return data
+        buf = bytearray()
+        with progress:
+            while len(buf) < limit:
+                chunk = body.read(min(_CHUNK_BYTES, limit - len(buf)))
+                if not chunk:
+                    break
+                buf += chunk
+                progress.advance(len(chunk))
+        return bytes(buf)
+    finally:
+        body.close()
+
+
 def _status(e: ClientError) -> int | None:
     status: int | None = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     return status
@@ -377,18 +558,44 @@ def upload_to_url(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     client: httpx.Client | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,
+    label: str | None = None,
 ) -> str:
-    """PUT `data` to a presigned URL; returns the ETag the store gave it (without quotes)."""
+    """PUT `data` to a presigned URL; returns the ETag the store gave it (without quotes). `label` names a
+    large upload in progress reports (default: the URL's path)."""
+    with _optional(_progress_for("uploading", len(data), label, url)) as progress:
+        return _upload(url, data, timeout_s, client, retry, progress)
 
+
+def _upload(
+    url: str,
+    data: bytes,
+    timeout_s: float,
+    client: httpx.Client | None,
+    retry: RetryPolicy,
+    progress: TransferProgress | None,
+) -> str:
     def put(http: httpx.Client) -> str:
-        resp = http.put(url, content=data, timeout=timeout_s)
-        _raise_for_status(resp, resp.text)
-        etag = resp.headers.get("etag")
-        if not etag:
-            raise StorageError(f"PUT {_redact(url)}: response has no ETag", status=resp.status_code)
-        return _unquote_etag(etag)
+        if progress is None:
+            return _etag_of(http.put(url, content=data, timeout=timeout_s), url)
+        with _attempt(progress) as sent:
+            # An explicit length keeps httpx from chunked encoding, which presigned S3 PUTs refuse.
+            resp = http.put(
+                url,
+                content=_slices(data, progress, sent),
+                headers={"Content-Length": str(len(data))},
+                timeout=timeout_s,
+            )
+            return _etag_of(resp, url)
 
     return _with_retries(f"PUT {_redact(url)}", put, client, retry)
+
+
+def _etag_of(resp: httpx.Response, url: str) -> str:
+    _raise_for_status(resp, resp.text)
+    etag = resp.headers.get("etag")
+    if not etag:
+        raise StorageError(f"PUT {_redact(url)}: response has no ETag", status=resp.status_code)
+    return _unquote_etag(etag)
 
 
 def download_from_url(
@@ -398,19 +605,33 @@ def download_from_url(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     client: httpx.Client | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,
+    label: str | None = None,
 ) -> bytes:
-    """GET a presigned URL, aborting as soon as more than `max_bytes` have arrived."""
+    """GET a presigned URL, aborting as soon as more than `max_bytes` have arrived. `label` names a large
+    download in progress reports (default: the URL's path)."""
+    progress: TransferProgress | None = None
 
     def get(http: httpx.Client) -> bytes:
+        nonlocal progress
         with http.stream("GET", url, timeout=timeout_s) as resp:
             if resp.status_code >= 300:
                 _raise_for_status(resp, _read_excerpt(resp))
             declared = resp.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > max_bytes:
                 raise StorageError(f"GET {_redact(url)}: {declared} bytes exceeds the limit of {max_bytes}")
-            return _read_capped(resp, max_bytes, url)
+            expected = int(declared) if declared is not None and declared.isdigit() else max_bytes
+            if progress is None:
+                progress = _progress_for("downloading", expected, label, url)
+            if progress is None:
+                return _read_capped(resp, max_bytes, url)
+            with _attempt(progress) as sent:
+                return _read_capped(resp, max_bytes, url, progress, sent)
 
-    return _with_retries(f"GET {_redact(url)}", get, client, retry)
+    try:
+        return _with_retries(f"GET {_redact(url)}", get, client, retry)
+    finally:
+        if progress is not None:
+            progress.close()
 
 
 def upload_multipart(
@@ -422,6 +643,7 @@ def upload_multipart(
     client: httpx.Client | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,
     concurrency: int = 4,
+    label: str | None = None,
 ) -> list[CompletedPart]:
     """Upload `data` in `part_size` slices, slice i to `part_urls[i]` (S3 part number i + 1).
 
@@ -433,12 +655,19 @@ def upload_multipart(
             f"{len(data)} bytes in {part_size}-byte parts need {expected} part URLs, got {len(part_urls)}"
         )
 
+    # One report for the whole object, whichever part's bytes move.
+    progress = _progress_for("uploading", len(data), label, part_urls[0])
+
     def send(index: int, http: httpx.Client) -> CompletedPart:
         chunk = data[index * part_size : (index + 1) * part_size]
-        etag = upload_to_url(part_urls[index], chunk, timeout_s=timeout_s, client=http, retry=retry)
+        etag = _upload(part_urls[index], chunk, timeout_s, http, retry, progress)
         return CompletedPart(part_number=index + 1, etag=etag)
 
-    with _client_scope(client) as http, ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+    with (
+        _optional(progress),
+        _client_scope(client) as http,
+        ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool,
+    ):
         return list(pool.map(lambda i: send(i, http), range(expected)))
 
 
@@ -492,14 +721,49 @@ def _read_excerpt(resp: httpx.Response) -> str:
     return buf[:_ERROR_EXCERPT_CHARS].decode("utf-8", errors="replace")
 
 
-def _read_capped(resp: httpx.Response, max_bytes: int, url: str) -> bytes:
+def _read_capped(
+    resp: httpx.Response,
+    max_bytes: int,
+    url: str,
+    progress: TransferProgress | None = None,
+    sent: list[int] | None = None,
+) -> bytes:
     # Content-Length may be absent or wrong (chunked, compressed, hostile), so count what actually arrives.
     buf = bytearray()
     for chunk in resp.iter_bytes():
         buf += chunk
         if len(buf) > max_bytes:
             raise StorageError(f"GET {_redact(url)}: body exceeds the limit of {max_bytes} bytes")
+        if progress is not None and sent is not None:
+            sent[0] += len(chunk)
+            progress.advance(len(chunk))
     return bytes(buf)
+
+
+@contextmanager
+def _attempt(progress: TransferProgress) -> Iterator[list[int]]:
+    """Count one attempt's bytes in `sent[0]` and take them back off the progress if the attempt fails, so
+    that a retry starts from where the transfer really is."""
+    sent = [0]
+    try:
+        yield sent
+    except BaseException:
+        progress.advance(-sent[0])
+        raise
+
+
+def _slices(data: bytes, progress: TransferProgress, sent: list[int]) -> Iterator[bytes]:
+    """`data` in slices, each counted once httpx has taken it."""
+    for start in range(0, len(data), _CHUNK_BYTES):
+        chunk = data[start : start + _CHUNK_BYTES]
+        yield chunk
+        sent[0] += len(chunk)
+        progress.advance(len(chunk))
+
+
+def _url_label(url: str) -> str:
+    """A transfer's name for progress reports: the URL's path, without the query's credentials."""
+    return urlsplit(url).path.lstrip("/") or _redact(url)
 
 
 def _redact(url: str) -> str:

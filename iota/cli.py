@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -87,16 +86,19 @@ def show_presets(
         console.print(table)
 
 
-def _log_options(json_logs: bool, level: str, name: str) -> None:
+def _log_options(json_logs: bool, level: str | None, name: str) -> None:
+    """Logging from IOTA_LOG_* (environment or .env); the command line's flags win."""
+    from common.config import LogSettings
     from common.logs import setup_logging
 
-    setup_logging(
-        json_lines=json_logs or os.environ.get("IOTA_LOG_JSON", "") in ("1", "true"), level=level, name=name
-    )
+    settings = LogSettings()
+    setup_logging(json_lines=json_logs or settings.json, level=level or settings.level, name=name)
 
 
-_JSON_LOGS = typer.Option(False, "--json-logs", help="One JSON object per log line (or IOTA_LOG_JSON=1).")
-_LOG_LEVEL = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR.")
+_JSON_LOGS = typer.Option(False, "--json-logs", help="One JSON object per log line (or IOTA_LOG_JSON=true).")
+_LOG_LEVEL = typer.Option(
+    None, "--log-level", help="DEBUG, INFO, WARNING or ERROR (default IOTA_LOG_LEVEL, INFO)."
+)
 
 
 @app.command("orchestrator")
@@ -104,7 +106,7 @@ def run_orchestrator(
     host: str = typer.Option(None, help="Listen address (default IOTA_ORCH_HOST, 127.0.0.1)."),
     port: int = typer.Option(None, help="Listen port (default IOTA_ORCH_PORT, 8000)."),
     json_logs: bool = _JSON_LOGS,
-    log_level: str = _LOG_LEVEL,
+    log_level: str | None = _LOG_LEVEL,
 ) -> None:
     """Run the orchestrator: stage assignment, work routing through S3, the run's record."""
     from orchestrator.server import build_orchestrator, serve
@@ -127,7 +129,7 @@ def run_miner(
         None, help="Deliberate misbehaviour for tests and the devnet (IOTA_MINER_BEHAVIOR); keep honest."
     ),
     json_logs: bool = _JSON_LOGS,
-    log_level: str = _LOG_LEVEL,
+    log_level: str | None = _LOG_LEVEL,
 ) -> None:
     """Run a miner: train the stage the orchestrator assigns, on this machine's GPU (or CPU)."""
     import signal
@@ -156,7 +158,7 @@ def run_miner(
 def run_validator(
     orchestrator_url: str = typer.Option(None, help="Orchestrator URL (IOTA_VALIDATOR_ORCHESTRATOR_URL)."),
     json_logs: bool = _JSON_LOGS,
-    log_level: str = _LOG_LEVEL,
+    log_level: str | None = _LOG_LEVEL,
 ) -> None:
     """Run a validator: replay shadowed miners' work, score them with CLASP, and set weights."""
     import signal
@@ -251,10 +253,15 @@ def run_devnet_command(
                 f"{status.epoch} ({status.epoch_phase}), {status.merges_completed} stage merges"
             )
 
-        result = run_devnet(options, progress)
+        def started(net: Any) -> None:
+            console.print(
+                f"dashboard: [bold]{net.url}/dashboard[/bold]  metrics and endpoints: {net.endpoints_path}"
+            )
+
+        result = run_devnet(options, progress, on_start=started)
     write_summary(result, summary)
     console.print(
-        f"done: {result['samples_completed']} samples, {result['tokens_per_s']:,.0f} tokens/s, loss "
+        f"\ndone: {result['samples_completed']} samples, {result['tokens_per_s']:,.0f} tokens/s, loss "
         f"{result['loss_first']} -> {result['loss_last']}, {result['dropped_samples']} dropped, "
         f"{result['merges_completed']} stage merges. "
         f"Summary: {summary}  Logs: {result['workdir']}/logs"
@@ -360,6 +367,36 @@ def run_sample(
     )
     # Text, not a markup string: generated brackets print as they are; soft_wrap adds no line breaks.
     console.print(Text(prompt, style="dim") + Text(text), soft_wrap=True)
+
+
+@app.command("check")
+def run_check(
+    role: str = typer.Argument(..., help="miner, validator or orchestrator."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Check what ROLE needs before it starts (settings, wallet, chain, orchestrator or S3, GPU); exits 1 at
+    the first failure, saying what to do. The start scripts run it (IOTA_SKIP_CHECKS=1 skips it)."""
+    from rich.text import Text
+
+    from iota.preflight import CheckResult, Role, run_checks
+
+    try:
+        chosen = Role(role)
+    except ValueError:
+        raise typer.BadParameter("must be miner, validator or orchestrator", param_hint="ROLE") from None
+    errors = Console(stderr=True)
+    marks = {"ok": ("✓", "green"), "warn": ("✓", "yellow"), "skip": ("-", "dim"), "fail": ("✗", "red")}
+
+    def show(result: CheckResult) -> None:
+        mark, style = marks[result.status]
+        line = Text(f"{mark} {result.name}: ", style=style) + Text(result.message)
+        # soft_wrap: a long message stays one line in logs; failures go to stderr.
+        (errors if result.fatal else console).print(line, soft_wrap=True)
+
+    report = run_checks(chosen, None if as_json else show)
+    if as_json:
+        print(report.model_dump_json(indent=2))
+    raise typer.Exit(0 if report.ok else 1)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +104,7 @@ class Devnet:
         self.hotkeys: dict[str, str] = {}  # hotkey name -> ss58
         self.behaviors: dict[str, str] = {}  # ss58 -> behavior
         self.stages: dict[str, int] = {}  # hotkey name -> the stage it asks for
+        self.metrics_ports: dict[str, int] = {}  # miner or validator name -> its Prometheus port
         self.owner = ""
         self.http = httpx.Client(base_url=self.url, timeout=10.0)
 
@@ -139,7 +142,8 @@ class Devnet:
     def env(self, **extra: str) -> dict[str, str]:
         """The environment every devnet process gets: its own S3, chain and state, nothing from `.env`."""
         o = self.options
-        env = {k: v for k, v in os.environ.items() if not k.startswith("IOTA_")}
+        # IOTA_LOG_* (JSON logs, the level) carries through; nothing else of the caller's IOTA_ settings does.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IOTA_") or k.startswith("IOTA_LOG_")}
         env.update(
             IOTA_S3_ENDPOINT_URL=self.s3.endpoint_url,
             IOTA_S3_BUCKET=BUCKET,
@@ -193,6 +197,29 @@ class Devnet:
     def start_orchestrator(self, timeout_s: float = 60.0) -> None:
         self.orchestrator = self._spawn("orchestrator", ["orchestrator"], self.env())
         self.wait_healthy(timeout_s)
+        self.write_endpoints()
+
+    @property
+    def endpoints_path(self) -> Path:
+        return self.workdir / "endpoints.json"
+
+    def endpoints(self) -> dict[str, Any]:
+        """Where to look: the orchestrator, its dashboard, and every process's Prometheus metrics."""
+        metrics = {"orchestrator": f"{self.url}/metrics"}
+        metrics.update(
+            {name: f"http://127.0.0.1:{port}/metrics" for name, port in self.metrics_ports.items()}
+        )
+        return {"orchestrator": self.url, "dashboard": f"{self.url}/dashboard", "metrics": metrics}
+
+    def write_endpoints(self) -> None:
+        """Rewritten whenever a process joins, atomically, so a reader never sees half a file."""
+        tmp = self.endpoints_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.endpoints(), indent=2) + "\n")
+        tmp.replace(self.endpoints_path)
+
+    def _metrics_env(self, role: str, name: str) -> dict[str, str]:
+        port = self.metrics_ports.setdefault(name, _free_port())  # a restarted process keeps its port
+        return {f"IOTA_{role}_METRICS_PORT": str(port), f"IOTA_{role}_METRICS_HOST": "127.0.0.1"}
 
     def wait_healthy(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -207,12 +234,20 @@ class Devnet:
             time.sleep(0.2)
         raise TimeoutError(f"the orchestrator did not become healthy within {timeout_s} s")
 
-    def launch(self, behaviors: list[str], threads: int, timeout_s: float = 120.0) -> None:
-        """Start the orchestrator, one miner per behaviour and the validators, and wait until every miner
-        is active."""
+    def launch(
+        self,
+        behaviors: list[str],
+        threads: int,
+        timeout_s: float = 120.0,
+        on_orchestrator: Callable[[Devnet], None] | None = None,
+    ) -> None:
+        """Start the orchestrator (then call `on_orchestrator`), one miner per behaviour and the
+        validators, and wait until every miner is active."""
         self.owner = create_hotkey(WALLET, "owner", self.workdir / "wallets").ss58_address
         self.chain.register(self.owner)  # uid 0: the subnet owner, who receives the burn
         self.start_orchestrator()
+        if on_orchestrator is not None:
+            on_orchestrator(self)
         n_stages = self.options.stages or get_preset(self.options.preset).n_stages
         for behavior in behaviors:
             stage = _BEHAVIOR_STAGE.get(behavior)
@@ -236,8 +271,10 @@ class Devnet:
             IOTA_VALIDATOR_BURN_FRACTION=str(self.options.burn_fraction),
             IOTA_VALIDATOR_BURN_UID="0",
             IOTA_VALIDATOR_REPORT_FILE=str(self.report_path(name)),
+            **self._metrics_env("VALIDATOR", name),
         )
         self.validators[name] = self._spawn(name, ["validator"], env)
+        self.write_endpoints()
         return name
 
     def report_path(self, name: str) -> Path:
@@ -272,8 +309,10 @@ class Devnet:
             IOTA_MINER_TIMINGS_FILE=str(self.workdir / "logs" / f"{name}.timings.json"),
             IOTA_MINER_SNAPSHOT_FILE=str(self.snapshot_path(name)) if self.options.snapshots else "",
             IOTA_MINER_STAGE=str(self.stages.get(name, "")),
+            **self._metrics_env("MINER", name),
         )
         self.miners[name] = self._spawn(name, ["miner"], env)
+        self.write_endpoints()
 
     def snapshot_path(self, name: str) -> Path:
         return self.workdir / "logs" / f"{name}.safetensors"
@@ -294,12 +333,13 @@ class Devnet:
                 proc.kill()
                 proc.wait()
 
-    def finish_validation(self, stall_s: float = 180.0) -> bool:
+    def finish_validation(self, stall_s: float = 180.0, give_up: threading.Event | None = None) -> bool:
         """Wait until every replay task is judged (or expired), then for each validator's next round of
-        weights; False if a validator died, or `stall_s` passed without a task judged."""
+        weights; False if a validator died, `stall_s` passed without a task judged, or `give_up` was set."""
+        give_up = give_up or threading.Event()
         deadline = time.monotonic() + stall_s
         judged = -1
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not give_up.is_set():
             if any(proc.poll() is not None for proc in self.validators.values()):
                 return False  # a validator died: its log says why; nobody will judge the rest
             counts = self.status().validations
@@ -314,7 +354,7 @@ class Devnet:
             return False
         deadline = time.monotonic() + stall_s
         mark = time.time()
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not give_up.is_set():
             if any(proc.poll() is not None for proc in self.validators.values()):
                 return False
             rounds = [self.validator_report(name) for name in self.validators]
@@ -468,14 +508,17 @@ def default_threads(total_miners: int) -> int:
 
 
 def run_devnet(
-    options: DevnetOptions, on_progress: Callable[[RunStatus, float | None, float], None] | None = None
+    options: DevnetOptions,
+    on_progress: Callable[[RunStatus, float | None, float], None] | None = None,
+    on_start: Callable[[Devnet], None] | None = None,
 ) -> dict[str, Any]:
-    """Run a devnet to its duration or sample count and return the summary."""
+    """Run a devnet to its duration or sample count and return the summary. `on_start` is called once
+    the orchestrator answers (its dashboard and `endpoints.json` exist), before the miners join."""
     with Devnet(options) as net:
         n_stages = options.stages or get_preset(options.preset).n_stages
         behaviors = ["honest"] * (n_stages * options.miners_per_stage) + options.behaviors
         threads = options.torch_threads or default_threads(len(behaviors))
-        net.launch(behaviors, threads)
+        net.launch(behaviors, threads, on_orchestrator=on_start)
         start = time.monotonic()
         after, recent = 0, []
         try:
@@ -494,16 +537,36 @@ def run_devnet(
                 time.sleep(1.0)
         except KeyboardInterrupt:
             pass
-        duration = time.monotonic() - start
-        status = net.status()
-        net.stop_miners()
-        summary = summarize(options, status, net.losses(), duration, len(behaviors))
-        summary["behaviors"] = dict(net.behaviors)
-        if options.validators:
-            summary.update(validation_summary(net, net.finish_validation()))
-        summary["workdir"] = str(net.workdir)
-        summary["export"] = net.export_model(status.run_id) if status.merges_completed else None
+        skip = threading.Event()
+        with _ctrl_c_sets(skip):  # from here on, Ctrl-C only skips the wait for the validators
+            duration = time.monotonic() - start
+            status = net.status()
+            net.stop_miners()
+            summary = summarize(options, status, net.losses(), duration, len(behaviors))
+            summary["behaviors"] = dict(net.behaviors)
+            if options.validators:
+                print(
+                    "waiting for the validators to judge the last replays and set weights (Ctrl-C skips)",
+                    flush=True,
+                )
+                summary.update(validation_summary(net, net.finish_validation(give_up=skip)))
+            summary["workdir"] = str(net.workdir)
+            summary["export"] = net.export_model(status.run_id) if status.merges_completed else None
         return summary
+
+
+@contextmanager
+def _ctrl_c_sets(event: threading.Event) -> Iterator[None]:
+    """Inside, SIGINT sets `event` instead of raising KeyboardInterrupt (only the main thread takes
+    signals; elsewhere this does nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: event.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def write_summary(summary: dict[str, Any], path: Path) -> None:

@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import httpx
 import torch
@@ -24,6 +23,7 @@ from common.client import ApiError, OrchestratorClient, Resync, Unavailable
 from common.codec import CodecError, content_hash
 from common.config import DataSettings
 from common.data import Corpus, batch_tokens, make_corpus
+from common.metrics import serve_daemon_metrics
 from common.model import ModelConfig
 from common.protocol import (
     Ack,
@@ -46,12 +46,13 @@ from common.protocol import (
 from common.storage import StorageError, download_from_url, upload_to_url
 from common.wire import BoundaryWire
 from miner.merging import MergeFailed, MergeParticipant, Traffic
+from miner.metrics import MinerMetrics, MinerStatusLine, MinerView
 from miner.settings import MinerSettings
 from miner.trainer import StageTrainer, TrainerError
 
 log = logging.getLogger("iota.miner")
 
-_STATUS_EVERY_S = 10.0
+_TIMINGS_EVERY_S = 10.0
 
 
 class BadInput(Exception):
@@ -64,15 +65,6 @@ def pick_device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"IOTA_MINER_DEVICE={name} but torch sees no CUDA device")
     return name
-
-
-@dataclass
-class _Stats:
-    forward: int = 0
-    backward: int = 0
-    failed: int = 0
-    last_loss: float | None = None
-    since: float = 0.0
 
 
 class Timings:
@@ -118,8 +110,11 @@ class MinerWorker:
         self.merger: MergeParticipant | None = None
         self.traffic = Traffic()
         self.resync = False  # the orchestrator said our run or session is gone: register before more work
-        self.stats = _Stats(since=time.monotonic())
         self.timings = Timings()
+        self.metrics = MinerMetrics(keypair.ss58_address, self.device, settings.behavior, self.traffic)
+        self.metrics.view = self._view
+        self.status_line = MinerStatusLine(self.metrics)
+        self._timings_at = self._status_at = time.monotonic()
         # Presigned URLs need no auth: a plain pool, kept apart from the signed orchestrator client.
         self._s3 = httpx.Client(timeout=settings.http_timeout_s)
 
@@ -188,6 +183,7 @@ class MinerWorker:
 
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
+        serve_daemon_metrics(self.metrics.registry, self.settings.metrics_host, self.settings.metrics_port)
         backoff = 1.0
         while not stop.is_set():
             try:
@@ -256,6 +252,7 @@ class MinerWorker:
         """Do this miner's part of a merge phase and report it."""
         merger, reg = self._merger(), self._session()
         report: UploadReport | ReduceReport | ApplyReport
+        started = time.perf_counter()
         try:
             with self.timings.measure(f"merge_{task.phase}"):
                 if task.phase == "upload":
@@ -267,7 +264,9 @@ class MinerWorker:
         except (MergeFailed, StorageError, TrainerError) as error:
             # Left out of this merge; the orchestrator has this miner reload the checkpoint afterwards.
             log.warning("could not do the %s phase of the merge: %s", task.phase, error)
+            self.metrics.counts.merge_failures[task.phase] += 1
             return
+        self.metrics.merge_seconds.labels(task.phase).observe(time.perf_counter() - started)
         try:
             self.client.post(
                 "/v1/merge/report",
@@ -280,8 +279,10 @@ class MinerWorker:
             raise
         except ApiError as error:
             log.warning("the %s report of the merge was refused: %s", task.phase, error)
+            self.metrics.counts.merge_failures[task.phase] += 1
             return
         if task.phase == "apply":
+            self.metrics.counts.merges += 1
             log.info("merged: stage %d now at version %d", task.stage, merger.version)
 
     def _reload(self, weights: GlobalWeights) -> None:
@@ -314,8 +315,10 @@ class MinerWorker:
                 with self.timings.measure("upload"):
                     upload_to_url(item.output.url, output, client=self._s3)
             except StorageError as error:
+                self.metrics.counts.transfer_errors["upload"] += 1
                 self._fail(item, f"upload failed: {error}", blame_input=False)
                 return
+            self.metrics.counts.work_uploaded += len(output)
             ref = ArtifactRef(key=item.output.key, size=len(output), sha256=content_hash(output))
         try:
             with self.timings.measure("report"):
@@ -335,15 +338,10 @@ class MinerWorker:
             log.warning("item %s not accepted: %s", item.item_id, error)
             trainer.discard()
             trainer.drop(item.item_id)
-            self.stats.failed += 1
+            self.metrics.counts.failed += 1
             return
         trainer.commit()
-        if item.kind == "forward":
-            self.stats.forward += 1
-        else:
-            self.stats.backward += 1
-        if loss is not None:
-            self.stats.last_loss = loss
+        self.metrics.item_done(self._kind(item), reg.data.batch_size * reg.data.seq_len, loss)
 
     # -- compute ------------------------------------------------------------------------------------------
 
@@ -356,6 +354,7 @@ class MinerWorker:
             raise TrainerError(f"backward item {item.item_id} names no forward")
         x = self._tokens(item) if item.kind == "forward" and item.stage == 0 else self._download(item)
         loss = None
+        started = time.perf_counter()
         with self.timings.measure("compute"):
             if item.kind == "forward" and item.stage == last:
                 loss, out = trainer.tail_step(x, self._tokens(item))
@@ -363,7 +362,12 @@ class MinerWorker:
                 out = self._forward_evicting(item.item_id, x)
             else:
                 out = trainer.backward(item.forward_item or "", x)
+        self.metrics.item_seconds.labels(self._kind(item)).observe(time.perf_counter() - started)
         return (None if out is None else self._encode(out)), loss
+
+    def _kind(self, item: WorkItem) -> str:
+        """forward, backward, or tail (the last stage's combined forward and backward)."""
+        return "tail" if item.kind == "forward" and item.stage == self._cfg().n_stages - 1 else item.kind
 
     def _forward_evicting(self, item_id: str, x: torch.Tensor) -> torch.Tensor:
         trainer = self._trainer()
@@ -393,8 +397,13 @@ class MinerWorker:
         wire = self._wire()
         if source.size > wire.max_bytes:
             raise BadInput(f"input of {source.size} bytes is larger than a boundary tensor")
-        with self.timings.measure("download"):
-            data = download_from_url(source.url, max_bytes=source.size, client=self._s3)
+        try:
+            with self.timings.measure("download"):
+                data = download_from_url(source.url, max_bytes=source.size, client=self._s3)
+        except StorageError:
+            self.metrics.counts.transfer_errors["download"] += 1
+            raise
+        self.metrics.counts.work_downloaded += len(data)
         with self.timings.measure("codec"):
             if len(data) != source.size or content_hash(data) != source.sha256:
                 raise BadInput(f"{source.key} is not the object its producer reported (size or sha256)")
@@ -409,7 +418,7 @@ class MinerWorker:
 
     def _fail(self, item: WorkItem, reason: str, *, blame_input: bool) -> None:
         reg = self._session()
-        self.stats.failed += 1
+        self.metrics.counts.failed += 1
         self._trainer().discard()
         if item.kind == "forward":
             self._trainer().drop(item.item_id)
@@ -448,21 +457,21 @@ class MinerWorker:
     def _cfg(self) -> ModelConfig:
         return self._trainer().cfg
 
+    def _view(self) -> MinerView:
+        # Read from the metrics thread: plain attribute reads, never a call into torch.
+        trainer, merger = self.trainer, self.merger
+        return MinerView(
+            stage=self.reg.stage if self.reg is not None else None,
+            outstanding=trainer.outstanding if trainer is not None else 0,
+            version=merger.version if merger is not None and merger.version >= 0 else None,
+        )
+
     def _maybe_log_status(self) -> None:
         now = time.monotonic()
-        if now - self.stats.since < _STATUS_EVERY_S or self.reg is None:
-            return
-        s, elapsed = self.stats, now - self.stats.since
-        loss = f", last loss {s.last_loss:.3f}" if s.last_loss is not None else ""
-        log.info(
-            "stage %d: %d forward and %d backward items in %.0f s (%.1f/s), %d failed%s",
-            self.reg.stage,
-            s.forward,
-            s.backward,
-            elapsed,
-            (s.forward + s.backward) / elapsed,
-            s.failed,
-            loss,
-        )
-        self.stats = _Stats(since=now)
-        self._write_timings()
+        if now - self._timings_at >= _TIMINGS_EVERY_S:
+            self._timings_at = now
+            self._write_timings()
+        interval = self.settings.status_interval_s
+        if interval and now - self._status_at >= interval:
+            self._status_at = now
+            log.info("%s", self.status_line.render())

@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from common.protocol import HEADER_PROTOCOL, HEADER_RUN, PROTOCOL_VERSION, ErrorBody
-from orchestrator.routers import merge, miners, public, validators, work
+from orchestrator.metrics import status_loop
+from orchestrator.routers import dashboard, merge, metrics, miners, public, validators, work
 from orchestrator.scheduler import SchedulerError
 from orchestrator.service import Orchestrator
 
@@ -42,6 +43,8 @@ def create_app(orchestrator: Orchestrator) -> FastAPI:
             asyncio.create_task(orchestrator.garbage_loop()),
             asyncio.create_task(orchestrator.merge_loop()),
             asyncio.create_task(orchestrator.registry.run()),
+            asyncio.create_task(orchestrator.dashboard.run()),
+            asyncio.create_task(status_loop(orchestrator, orchestrator.settings.status_interval_s)),
         ]
         try:
             yield
@@ -58,6 +61,8 @@ def create_app(orchestrator: Orchestrator) -> FastAPI:
     )
     app.state.orchestrator = orchestrator
     app.include_router(public.router)
+    app.include_router(dashboard.router)
+    app.include_router(metrics.router)
     app.include_router(miners.router)
     app.include_router(work.router)
     app.include_router(merge.router)

@@ -64,9 +64,11 @@ class Scheduler:
         sample_ids: Callable[[int], list[SampleId]],
         clock: Callable[[], float] = time.time,
         notify: Callable[[str], None] = lambda hotkey: None,
+        on_item_done: Callable[[Item], None] = lambda it: None,
     ) -> None:
         self.db, self.run_id, self.n_stages, self.settings = db, run_id, n_stages, settings
         self.sample_ids, self.clock, self.notify = sample_ids, clock, notify
+        self.on_item_done = on_item_done  # metrics: every accepted item, once
         self.miners: dict[str, Miner] = {}
         self.samples: dict[int, Sample] = {}  # in_flight and retry only
         self.items: dict[str, Item] = {}  # items of running attempts
@@ -328,6 +330,7 @@ class Scheduler:
             return req.item_id.endswith(".0b")  # the head's backward is the one that completes a sample
         now = self.clock()
         attempt = self.attempts[(it.sample, it.attempt)]
+        sample_done = False
         with self.db.transaction():
             self.items_completed += 1
             it.status, it.output, it.completed_at, it.loss = "done", req.output, now, req.loss
@@ -354,7 +357,10 @@ class Scheduler:
                     self._queue_backward(attempt, it.stage - 1, it.output, now)
                 else:
                     self._finish_attempt(attempt, now)
-                    return True
+                    sample_done = True
+        self.on_item_done(it)
+        if sample_done:
+            return True
         self.notify(miner.hotkey)
         return False
 

@@ -27,10 +27,12 @@ from common.protocol import (
     manifest_key,
 )
 from common.storage import ObjectStore, StorageError
+from orchestrator.dashboard_state import DashboardState
 from orchestrator.db import Item, StateDB
 from orchestrator.epochs import EpochClock, StoreLinks
 from orchestrator.merge_jobs import run_finalize
 from orchestrator.merging import FinalizeJob, FinalizeResult, MergeState, StoredCheckpoint
+from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.scheduler import Scheduler, SchedulerError
 from orchestrator.settings import OrchestratorSettings, training_spec
 from orchestrator.validation import ValidationBook
@@ -191,6 +193,7 @@ class Orchestrator:
         self.started_at = float(db.get_meta("started_at") or clock())
         self.schedule = SampleSchedule(corpus, seed=spec.seed)
         self.wakeups = Wakeups()
+        self.metrics = OrchestratorMetrics(spec.model.n_stages)
         self.scheduler = Scheduler(
             db,
             run_id=self.run_id,
@@ -199,6 +202,7 @@ class Orchestrator:
             sample_ids=self.sample_ids,
             clock=clock,
             notify=self.wakeups.notify,
+            on_item_done=self.metrics.item_done,
         )
         # Upload URLs outlive an item's deadline, so a slow but honest upload still lands.
         self.links = StoreLinks(store, upload_expires_s=max(60, int(settings.item_timeout_s * 2)))
@@ -227,9 +231,13 @@ class Orchestrator:
         )
         self._jobs: set[asyncio.Task[None]] = set()
         self.registry = HotkeyRegistry(chain, metagraph_refresh_s)
+        self.dashboard = DashboardState(
+            chain, db, lambda: self.scheduler.completed, clock, chain_every_s=max(metagraph_refresh_s, 5.0)
+        )
         self.verifier = EpistulaVerifier(auth, clock=clock, admit=self.registry.admit)
         self.verify = signed_request_dependency(self.verifier)
         self.max_payload_bytes = boundary_payload_limit(spec.model, spec.data.batch_size, spec.data.seq_len)
+        self.metrics.watch(self)
 
     def sample_ids(self, sample: int) -> list[SampleId]:
         return self.schedule.batch(sample, self.spec.data.batch_size)
@@ -250,6 +258,7 @@ class Orchestrator:
         )
 
     def _merge_closed(self, state: MergeState, start: StoredCheckpoint | None) -> None:
+        self.metrics.merge_closed(state)
         if shadowed := self.validation.shadow(state, start, self.spec.seed):
             log.info("epoch %d stage %d: %d miners shadowed", state.epoch, state.stage, len(shadowed))
 

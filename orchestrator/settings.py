@@ -96,6 +96,10 @@ class OrchestratorSettings(BaseSettings):
     validator_min_stake: float = Field(
         1.0, ge=0, description="Stake a hotkey with a validator permit needs to call the validator routes."
     )
+    # -- operating --
+    status_interval_s: float = Field(
+        30.0, ge=0, description="How often the orchestrator logs a one-line status of the run (0: never)."
+    )
 
     @property
     def object_retention_s(self) -> float:

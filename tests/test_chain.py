@@ -15,6 +15,7 @@ from bittensor.sp_core import Keypair
 
 from common.chain import (
     BittensorChain,
+    Chain,
     ChainError,
     LocalChain,
     Metagraph,
@@ -243,6 +244,17 @@ def test_deregistering_a_validator_drops_its_weights(chain: LocalChain) -> None:
     assert chain.weights() == {}
 
 
+def test_weights_rows_per_validator_through_the_chain_interface(tmp_path: Path) -> None:
+    local = LocalChain(tmp_path / "chain.json", NETUID)
+    first, second = _validator(local), _validator(local, stake=10.0)
+    miner = local.register(generate_keypair().ss58_address).uid
+    local.set_weights(first, {miner: 1.0})
+    local.set_weights(second, {miner: 1.0, 0: 3.0})
+    # What the orchestrator's dashboard reads, from another process's view of the same file.
+    chain: Chain = LocalChain(tmp_path / "chain.json", NETUID)
+    assert chain.weights() == {0: {miner: 1.0}, 1: {0: 0.75, miner: 0.25}}
+
+
 def test_block_advances_with_time(tmp_path: Path) -> None:
     chain = LocalChain(tmp_path / "chain.json", NETUID, block_time_s=0.05)
     first = chain.block()
@@ -356,6 +368,34 @@ def test_bittensor_chain_unreachable_endpoint_raises_chain_error(tmp_path: Path)
     with pytest.raises(ChainError, match="set_weights"):
         chain.set_weights(hotkey, {0: 1.0})
     assert time.monotonic() - started < 20.0
+
+
+@pytest.mark.timeout(60)
+def test_bittensor_chain_weights_unreachable_raises_chain_error(tmp_path: Path) -> None:
+    chain = BittensorChain(UNREACHABLE, NETUID, WalletSettings(name="w", hotkey="h", path=tmp_path))
+    with pytest.raises(ChainError, match="reading the weights of netuid 9"):
+        chain.weights()
+
+
+class _WeightsReads:
+    """Stands in for the SDK's `subtensor.weights` read namespace (no chain is reachable here)."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def weights(self, netuid: int) -> dict[int, dict[int, float]]:
+        self.calls.append(netuid)
+        return {0: {1: 0.25, 2: 0.75}, 3: {}}
+
+
+def test_bittensor_chain_weights_are_cached_like_the_metagraph(tmp_path: Path) -> None:
+    wallet = WalletSettings(name="w", hotkey="h", path=tmp_path)
+    chain = BittensorChain(UNREACHABLE, NETUID, wallet, metagraph_ttl_s=60.0)
+    reads = _WeightsReads()
+    chain._subtensor = type("Subtensor", (), {"weights": reads})()
+    assert chain.weights() == {0: {1: 0.25, 2: 0.75}, 3: {}}
+    assert chain.weights() == {0: {1: 0.25, 2: 0.75}, 3: {}}
+    assert reads.calls == [NETUID]  # the second read came from the cache
 
 
 def test_bittensor_chain_refuses_a_key_other_than_the_wallets(tmp_path: Path) -> None:

@@ -6,7 +6,11 @@ small scripted HTTP server, also on 127.0.0.1.
 
 from __future__ import annotations
 
+import io
+import logging
+import os
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,6 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
+from common import storage
+from common.codec import content_hash
 from common.s3server import EmbeddedS3
 from common.storage import (
     CompletedPart,
@@ -267,3 +273,135 @@ def test_download_limit_holds_without_content_length() -> None:
         assert download_from_url(server.url, max_bytes=5000) == b"q" * 5000
         with pytest.raises(StorageError, match="limit"):
             download_from_url(server.url, max_bytes=4999)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Progress of long transfers
+
+
+class SpyProgress(storage.TransferProgress):
+    """The real reporter, also keeping the sum of every step it was given (before clamping)."""
+
+    made: list[SpyProgress] = []
+
+    def __init__(self, verb: str, label: str, total: int) -> None:
+        super().__init__(verb, label, total)
+        self.net = 0
+        SpyProgress.made.append(self)
+
+    def advance(self, n: int) -> None:
+        self.net += n
+        super().advance(n)
+
+
+@pytest.fixture
+def progress_spy(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> list[SpyProgress]:
+    """Progress from 1 MiB up (instead of 16), spied on, with its INFO lines captured."""
+    monkeypatch.setattr(storage, "PROGRESS_MIN_BYTES", MIB)
+    monkeypatch.setattr(storage, "TransferProgress", SpyProgress)
+    monkeypatch.setattr(SpyProgress, "made", [])
+    caplog.set_level(logging.INFO, logger="common.storage")
+    return SpyProgress.made
+
+
+def _progress_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "common.storage"]
+
+
+def test_progress_line_and_when_to_log() -> None:
+    line = storage.progress_line("uploading", "checkpoint stage 1", 64 * MIB, 256 * MIB, 3.0)
+    assert line == "uploading checkpoint stage 1: 64/256 MiB, 21.3 MiB/s"
+    total = 100 * MIB
+    assert storage.progress_log_due(25 * MIB, total, 0, 0.1)  # reached the first quarter
+    assert not storage.progress_log_due(30 * MIB, total, 25 * MIB, 0.1)  # same quarter, soon after
+    assert storage.progress_log_due(30 * MIB, total, 25 * MIB, storage.PROGRESS_LOG_EVERY_S)  # a while later
+    assert not storage.progress_log_due(30 * MIB, total, 30 * MIB, 60.0)  # nothing new to say
+
+
+def test_object_store_transfers_report_progress_and_arrive_intact(
+    store: ObjectStore, progress_spy: list[SpyProgress], caplog: pytest.LogCaptureFixture
+) -> None:
+    data = os.urandom(3 * MIB + 123)
+    etag = store.put_bytes("progress/checkpoint.bin", data, label="checkpoint stage 1")
+    assert store.get_verified("progress/checkpoint.bin", len(data), content_hash(data)) == data
+    assert store.get_bytes("progress/checkpoint.bin", max_bytes=len(data)) == data
+
+    info = store.head("progress/checkpoint.bin")
+    assert info is not None and info.etag == etag
+    # boto3's Callback counted every byte of the upload, and the chunked reads every byte of both reads.
+    assert [(p.verb, p.net) for p in progress_spy] == [
+        ("uploading", len(data)),
+        ("downloading", len(data)),
+        ("downloading", len(data)),
+    ]
+    lines = _progress_lines(caplog)
+    assert any(line.startswith("uploading checkpoint stage 1: 3/3 MiB, ") for line in lines)
+    assert any(line.startswith("downloading progress/checkpoint.bin: 3/3 MiB, ") for line in lines)
+
+
+def test_url_transfers_report_progress_and_arrive_intact(
+    store: ObjectStore, progress_spy: list[SpyProgress], caplog: pytest.LogCaptureFixture
+) -> None:
+    data = os.urandom(2 * MIB + 7)
+    upload_to_url(store.presign_put("progress/weights.bin"), data, label="weights stage 2")
+    got = download_from_url(store.presign_get("progress/weights.bin"), max_bytes=len(data))
+    assert got == data
+
+    key = "progress/multipart.bin"
+    big = os.urandom(5 * MIB + 1024)
+    upload_id = store.create_multipart(key)
+    urls = [store.presign_part(key, upload_id, n) for n in (1, 2)]
+    store.complete_multipart(key, upload_id, upload_multipart(urls, big, 5 * MIB))
+    assert store.get_exact(key, len(big)) == big
+
+    # One reporter per transfer, the multipart upload's two parts sharing one.
+    assert [p.net for p in progress_spy] == [len(data), len(data), len(big), len(big)]
+    lines = _progress_lines(caplog)
+    assert any(line.startswith("uploading weights stage 2: 2/2 MiB") for line in lines)
+    assert any(line.startswith("downloading test-storage/progress/weights.bin: 2/2 MiB") for line in lines)
+    # Quarters, not every chunk: a handful of lines per transfer.
+    assert len(lines) <= 4 * 5
+
+
+def test_a_retried_upload_counts_its_bytes_once(progress_spy: list[SpyProgress]) -> None:
+    data = b"r" * (2 * MIB)
+    replies = [Reply(503, b"SlowDown"), Reply(200, headers={"ETag": '"abc123"'})]
+    with ScriptedServer(replies) as server:
+        assert upload_to_url(server.url, data, retry=FAST_RETRY) == "abc123"
+        assert server.count == 2
+    assert [p.net for p in progress_spy] == [len(data)]
+
+
+def test_small_transfers_take_the_plain_path(
+    store: ObjectStore, progress_spy: list[SpyProgress], caplog: pytest.LogCaptureFixture
+) -> None:
+    small = b"s" * (MIB - 1)  # just under the (lowered) threshold: an activation's path
+    store.put_bytes("progress/small.bin", small)
+    assert store.get_exact("progress/small.bin", len(small)) == small
+    upload_to_url(store.presign_put("progress/small2.bin"), small)
+    assert download_from_url(store.presign_get("progress/small2.bin"), max_bytes=len(small)) == small
+    assert progress_spy == []
+    assert _progress_lines(caplog) == []
+
+
+def test_a_terminal_gets_a_bar_and_no_log_lines(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    caplog.set_level(logging.INFO, logger="common.storage")
+    with storage.TransferProgress("uploading", "checkpoint stage 0", 4 * MIB) as progress:
+        for _ in range(4):
+            progress.advance(MIB)
+        # A second transfer at the same time does not fight over the terminal: it logs instead.
+        with storage.TransferProgress("downloading", "other", MIB) as other:
+            other.advance(MIB)
+    assert progress.done == 4 * MIB
+    lines = _progress_lines(caplog)
+    assert len(lines) == 1 and lines[0].startswith("downloading other: 1/1 MiB, ")
+    assert "uploading checkpoint stage 0" in terminal.getvalue()
+    assert not storage._BAR_LOCK.locked()  # released for the next transfer

@@ -24,6 +24,7 @@ from common.chain import Chain
 from common.client import ApiError, OrchestratorClient, Resync, Unavailable
 from common.config import DataSettings
 from common.data import Corpus, make_corpus
+from common.metrics import serve_daemon_metrics
 from common.model import ModelConfig
 from common.protocol import (
     Ack,
@@ -31,8 +32,10 @@ from common.protocol import (
     EpochLedger,
     LossPage,
     LossRecord,
+    MinerScoreEntry,
     ReplayVerdict,
     RunStatus,
+    ScoresReport,
     ValidationTask,
     ValidatorRegisterRequest,
     ValidatorRegisterResponse,
@@ -42,6 +45,7 @@ from common.protocol import (
 )
 from common.storage import StorageError, download_from_url
 from validator.clasp import estimate_effects, quality
+from validator.metrics import ValidatorMetrics, ValidatorStatusLine
 from validator.replay import ReplayError, replay, replay_mode
 from validator.scoring import MinerScore, ScoringConfig, score_miners, weights_from_scores
 from validator.settings import ValidatorSettings
@@ -111,6 +115,8 @@ class ValidatorDaemon:
         # Every hotkey CLASP flagged in any round: what the devnet counts false positives from.
         self.flagged_ever: set[str] = set()
         self._s3 = httpx.Client(timeout=settings.http_timeout_s)
+        self.metrics = ValidatorMetrics(self)
+        self.status_line = ValidatorStatusLine(self.metrics)
 
     # -- registration ---------------------------------------------------------------------------------------
 
@@ -127,10 +133,16 @@ class ValidatorDaemon:
 
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
+        serve_daemon_metrics(self.metrics.registry, self.settings.metrics_host, self.settings.metrics_port)
         scorer = threading.Thread(target=self._score_loop, args=(stop,), name="scores", daemon=True)
         scorer.start()
         backoff = 1.0
+        status_at = time.monotonic()
         while not stop.is_set():
+            interval = self.settings.status_interval_s
+            if interval and time.monotonic() - status_at >= interval:
+                status_at = time.monotonic()
+                log.info("%s", self.status_line.render())
             try:
                 if self.reg is None:
                     self.register()
@@ -191,6 +203,7 @@ class ValidatorDaemon:
             Ack,
         )
         self.replays["passed" if verdict.passed else "failed"] += 1
+        self.metrics.replay_seconds.observe(verdict.replay_s)
         log.info(
             "replayed epoch %d stage %d of %s: %s (%d ops, %.1f s)%s",
             task.epoch,
@@ -213,6 +226,7 @@ class ValidatorDaemon:
             try:
                 self.set_weights()
             except Exception as error:  # a failed round must not stop the validator; the next one retries
+                self.metrics.round_failures += 1
                 log.warning("could not set weights this round: %s", error)
 
     # -- scores and weights -----------------------------------------------------------------------------
@@ -238,7 +252,9 @@ class ValidatorDaemon:
         result = self.compute_weights()
         self.chain.set_weights(self.keypair, result.weights)
         self.last_round = result
+        self.metrics.rounds += 1
         self.flagged_ever.update(result.clasp_flagged)
+        self.report_scores(result)
         if self.settings.report_file:
             report = {
                 **result.as_json(),
@@ -258,6 +274,29 @@ class ValidatorDaemon:
             ", ".join(f"{k} {v}" for k, v in self.replays.items()),
         )
         return result
+
+    def report_scores(self, result: WeightsRound) -> bool:
+        """Tell the orchestrator what this round scored and set, for its dashboard. The weights are already
+        on the chain, so a failure here is only logged."""
+        if self.reg is None:
+            return False
+        flagged = set(result.clasp_flagged)
+        try:
+            report = ScoresReport(
+                run_id=self.reg.run_id,
+                epoch=result.epoch,
+                at=result.at,
+                scores={
+                    hotkey: MinerScoreEntry(score=s.score, penalized=s.penalized, flagged=hotkey in flagged)
+                    for hotkey, s in result.scores.items()
+                },
+                weights=result.weights,
+            )
+            self.client.post("/v1/validators/scores", report, Ack)
+        except Exception as error:  # the dashboard missing a round must never cost a weights round
+            log.warning("could not report this round's scores to the orchestrator: %s", error)
+            return False
+        return True
 
     def _pull_losses(self) -> None:
         while True:

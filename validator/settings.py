@@ -44,3 +44,16 @@ class ValidatorSettings(BaseSettings):
     report_file: Path | None = Field(
         None, description="Write the latest scores and weights (JSON) to this file after each round."
     )
+    metrics_port: int = Field(
+        9200,
+        ge=0,
+        le=65535,
+        description="Port of this validator's Prometheus /metrics (0: no metrics server).",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address the metrics server listens on; 0.0.0.0 to let other machines scrape.",
+    )
+    status_interval_s: float = Field(
+        30.0, ge=0, description="How often the validator logs a one-line status (0: never)."
+    )

@@ -95,6 +95,11 @@ class Chain(ABC):
     def set_weights(self, hotkey: Keypair, weights: Mapping[int, float]) -> None:
         """Set `hotkey`'s weights, {uid: weight} (relative; only proportions matter)."""
 
+    @abstractmethod
+    def weights(self) -> dict[int, dict[int, float]]:
+        """Each validator's latest weights on the subnet, {validator_uid: {uid: weight}}, each row summing
+        to 1 (a backend may serve a recent cached copy). Read-only."""
+
     def neuron(self, hotkey: str) -> Neuron | None:
         return self.metagraph().by_hotkey(hotkey)
 

@@ -57,6 +57,8 @@ class BittensorChain(Chain):
         self._lock = threading.Lock()
         self._cached: Metagraph | None = None
         self._cached_at = 0.0
+        self._weights: dict[int, dict[int, float]] | None = None
+        self._weights_at = 0.0
 
     def _where(self) -> str:
         return f"netuid {self.netuid} on {self.network}"
@@ -75,6 +77,23 @@ class BittensorChain(Chain):
             self._cached = metagraph_from_sdk(mg)
             self._cached_at = time.monotonic()
             return self._cached
+
+    def weights(self) -> dict[int, dict[int, float]]:
+        # One map query over the subnet's weight rows; cached like the metagraph, since only dashboards
+        # and audits read it and the chain changes it once per tempo at most.
+        with self._lock:
+            if self._weights is not None and time.monotonic() - self._weights_at < self.metagraph_ttl_s:
+                return self._weights
+            try:
+                rows = self._subtensor.weights.weights(self.netuid)
+            except Exception as exc:
+                raise ChainError(f"reading the weights of {self._where()} failed: {exc}") from exc
+            self._weights = {
+                int(validator): {int(uid): float(w) for uid, w in row.items()}
+                for validator, row in rows.items()
+            }
+            self._weights_at = time.monotonic()
+            return self._weights
 
     def block(self) -> int:
         try:

@@ -16,6 +16,7 @@ from common.protocol import (
 )
 from orchestrator.assignment import stage_capacity
 from orchestrator.deps import Orch
+from orchestrator.service import Orchestrator
 
 router = APIRouter(tags=["public"])
 
@@ -27,6 +28,11 @@ async def health(orch: Orch) -> dict[str, str]:
 
 @router.get("/v1/status", response_model=RunStatus)
 async def status(orch: Orch) -> RunStatus:
+    return run_status(orch)
+
+
+def run_status(orch: Orchestrator) -> RunStatus:
+    """The run at a glance (also embedded in the dashboard's data)."""
     sched, spec, epochs = orch.scheduler, orch.spec, orch.epochs
     active = [m for m in sched.miners.values() if m.active]
     capacity = stage_capacity(sched.loads(), spec.model.n_stages)

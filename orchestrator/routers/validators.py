@@ -1,5 +1,5 @@
-"""Validators: register, lease a replay task, report its verdict. Only for hotkeys with a validator permit
-and enough stake; miners get 403."""
+"""Validators: register, lease a replay task, report its verdict, report the scores of a weights round. Only
+for hotkeys with a validator permit and enough stake; miners get 403."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from fastapi import APIRouter
 
 from common.protocol import (
     Ack,
+    ScoresReport,
     ValidatorRegisterRequest,
     ValidatorRegisterResponse,
     ValidatorTaskRequest,
@@ -71,4 +72,14 @@ async def verdict(req: Validator, orch: Orch) -> Ack:
     body = parse(VerdictRequest, req)
     _same_run(orch, body.run_id)
     orch.validation.verdict(req.hotkey, body.task_id, body.verdict)
+    return Ack()
+
+
+@router.post("/scores", response_model=Ack)
+async def scores(req: Validator, orch: Orch) -> Ack:
+    """The caller's latest scores and the weights it set on the chain, for the dashboard. Only the latest
+    report per validator is kept, in memory; it decides nothing (weights take effect on the chain)."""
+    body = parse(ScoresReport, req)
+    _same_run(orch, body.run_id)
+    orch.dashboard.receive(req.hotkey, body)
     return Ack()
