@@ -109,13 +109,14 @@ def test_a_killed_miners_work_is_requeued_and_the_run_goes_on(tmp_path: Path) ->
         workdir=tmp_path,
         extra_env={"IOTA_ORCH_MINER_TIMEOUT_S": "4", "IOTA_ORCH_MAX_SAMPLES": str(n)},
     )
-    net = start(options, miners=4)  # the fourth joins stage 0, which then has two replicas
+    net = start(options, miners=4)  # the fourth joins a stage, which then has two replicas
     try:
         net.wait_for(lambda s: s.samples_completed >= 5, timeout_s=90)
         stage_of = {m.hotkey: m.stage for m in net.status().miners}
-        head_miners = [name for name, hk in net.hotkeys.items() if stage_of[hk] == 0]
-        assert len(head_miners) == 2
-        victim = head_miners[0]
+        # Which stage gets the fourth depends on the throughput the orchestrator measured so far.
+        doubled = next(s for s in range(3) if sum(st == s for st in stage_of.values()) == 2)
+        replicas = [name for name, hk in net.hotkeys.items() if stage_of[hk] == doubled]
+        victim = replicas[0]
         net.kill_miner(victim)  # SIGKILL while it holds forwards awaiting their backward
         final = net.wait_for(lambda s: s.samples_completed + s.samples_dropped == n, timeout_s=150)
         failed = events(net, "attempt_failed")
@@ -123,8 +124,8 @@ def test_a_killed_miners_work_is_requeued_and_the_run_goes_on(tmp_path: Path) ->
     finally:
         net.stop()
     assert final.samples_dropped == 0 and final.samples_completed == n  # nothing lost
-    # Both head replicas carried samples: pathways vary across replicas.
-    assert {r.pathway[0] for r in records} == {net.hotkeys[name] for name in head_miners}
+    # Both replicas carried samples: pathways vary across replicas.
+    assert {r.pathway[doubled] for r in records} == {net.hotkeys[name] for name in replicas}
     assert final.attempts_failed >= 1 and failed
     assert any(net.hotkeys[victim][:8] in str(e["detail"]) for e in failed)
     victim_state = {m.hotkey: m.state for m in final.miners}[net.hotkeys[victim]]
