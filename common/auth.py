@@ -13,7 +13,8 @@ and the signature covers the UTF-8 message f"{sha256(body).hexdigest()}.{uuid}.{
 All parameters travel in the signed JSON body, never in unsigned query strings, so the body is all the
 verifier needs to cover.
 
-This module is about signatures only: whether a hotkey is registered or holds a permit is for the caller.
+This module is about signatures (and a per-hotkey rate limit): whether a hotkey is registered or holds a
+permit is for the caller.
 """
 
 from __future__ import annotations
@@ -199,6 +200,64 @@ class ReplayCache:
             entries.popitem(last=False)
 
 
+# --- rate limiting ---------------------------------------------------------------------------------------
+
+
+class RateLimiter:
+    """Per-key token buckets: each key may make `burst` requests at once and `rate_per_s` on average.
+
+    A key's bucket starts full and refills continuously; a request takes one token. `wait_s` and `take` return
+    0.0 when a token is (or was) available, else the seconds until one will be. Thread-safe. Memory: one
+    entry per key seen; once more than `max_keys` are held, the full (idle) ones are dropped, which forgets
+    nothing, since a missing bucket is a full one.
+    """
+
+    def __init__(
+        self,
+        rate_per_s: float,
+        burst: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = 100_000,
+    ) -> None:
+        if rate_per_s <= 0 or burst < 1:
+            raise ValueError("rate_per_s must be positive and burst at least 1")
+        self.rate_per_s, self.burst = rate_per_s, burst
+        self._clock = clock
+        self._max_keys = max_keys
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, when they were counted)
+        self._lock = threading.Lock()
+
+    def wait_s(self, key: str) -> float:
+        """Seconds until `key` may make a request (0.0: now), taking nothing."""
+        with self._lock:
+            return self._shortfall_s(self._tokens(key, self._clock()))
+
+    def take(self, key: str) -> float:
+        """Take a token for `key`: 0.0 if there was one, else the seconds until there will be one."""
+        with self._lock:
+            now = self._clock()
+            tokens = self._tokens(key, now)
+            if tokens < 1.0:
+                return self._shortfall_s(tokens)
+            self._buckets[key] = (tokens - 1.0, now)
+            if len(self._buckets) > self._max_keys:
+                self._drop_full(now)
+            return 0.0
+
+    def _tokens(self, key: str, now: float) -> float:
+        tokens, at = self._buckets.get(key, (float(self.burst), now))
+        # max(0, ...): a clock that steps back must not drain a bucket.
+        return min(float(self.burst), tokens + max(0.0, now - at) * self.rate_per_s)
+
+    def _shortfall_s(self, tokens: float) -> float:
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate_per_s
+
+    def _drop_full(self, now: float) -> None:
+        for key in [k for k in self._buckets if self._tokens(k, now) >= self.burst]:
+            del self._buckets[key]
+
+
 # --- verification ----------------------------------------------------------------------------------------
 
 
@@ -210,6 +269,11 @@ class EpistulaVerifier:
     Verifiers that guard the same endpoints should share one `replay_cache`. `admit(hotkey)`, if given,
     runs after the signature and before the replay cache: a hotkey it refuses (say, one not registered on
     the subnet) gets 403 and never takes a cache slot, so unregistered keys cannot fill the cache.
+
+    `rate_limiter` (by default one from `settings.rate_per_s` and `rate_burst`; none if the rate is 0) is
+    keyed on the verified hotkey. A hotkey out of tokens gets 429 before the replay cache (its flood takes no
+    cache slot); a token is taken only after the cache accepted the request, so neither a forged request
+    nor a replay of someone's captured request can spend that hotkey's budget.
     """
 
     def __init__(
@@ -220,6 +284,7 @@ class EpistulaVerifier:
         expected_receiver: str | None = None,
         replay_cache: ReplayCache | None = None,
         admit: Callable[[str], bool] | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self.settings = settings
         self._admit = admit
@@ -227,6 +292,9 @@ class EpistulaVerifier:
         self._expected_receiver = expected_receiver
         # `is None`, not `or`: an empty cache has len 0 and is falsy.
         self.replay_cache = ReplayCache(settings.replay_cache_size) if replay_cache is None else replay_cache
+        if rate_limiter is None and settings.rate_per_s > 0:
+            rate_limiter = RateLimiter(settings.rate_per_s, settings.rate_burst)
+        self.rate_limiter = rate_limiter
 
     @property
     def max_body_bytes(self) -> int:
@@ -257,8 +325,10 @@ class EpistulaVerifier:
             raise _unauthorized(f"signature does not match the body and headers for {signed_by}")
         if self._admit is not None and not self._admit(signed_by):
             raise AuthError(403, f"hotkey {signed_by} is not allowed here (is it registered on the subnet?)")
+        self._check_rate(signed_by, take=False)
         # Only a verified request reaches the cache, so forged requests cannot burn anyone's uuids.
         self._remember(f"{signed_by}:{canonical_uuid}", timestamp_ms, now_ms)
+        self._check_rate(signed_by, take=True)
         return VerifiedRequest(
             hotkey=signed_by,
             uuid=canonical_uuid,
@@ -282,6 +352,19 @@ class EpistulaVerifier:
         raise _unauthorized(
             f"timestamp is {-age_ms} ms in the future, window is {window_ms} ms; check the sender's clock"
         )
+
+    def _check_rate(self, hotkey: str, *, take: bool) -> None:
+        limiter = self.rate_limiter
+        if limiter is None:
+            return
+        wait_s = limiter.take(hotkey) if take else limiter.wait_s(hotkey)
+        if wait_s > 0:
+            raise AuthError(
+                429,
+                f"too many requests from {hotkey}: at most {limiter.rate_per_s:g} a second on average, "
+                f"{limiter.burst} at once; retry in {wait_s:.2f} s",
+                retry_after_s=max(1, math.ceil(wait_s)),
+            )
 
     def _remember(self, key: str, timestamp_ms: int, now_ms: int) -> None:
         # +1: a timestamp exactly `window` old is still fresh, so it expires the millisecond after.

@@ -107,6 +107,14 @@ class AuthSettings(BaseSettings):
     max_body_bytes: int = Field(
         1_048_576, ge=1_024, description="Largest signed request body accepted, in bytes."
     )
+    # Per verified hotkey, after the signature and the replay cache: forged or replayed requests never spend
+    # anyone's budget, and one hotkey's flood never slows another. Miners long-poll: they make few requests.
+    rate_per_s: float = Field(
+        50.0, ge=0, description="Requests per second each hotkey may make on average (0: no limit)."
+    )
+    rate_burst: int = Field(
+        200, ge=1, description="Requests a hotkey may make at once, above the average rate, before a 429."
+    )
 
 
 class ModelSettings(BaseSettings):

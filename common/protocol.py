@@ -14,7 +14,7 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
 from common.data import SampleId
 
@@ -27,6 +27,8 @@ HEADER_RUN = "Iota-Run"
 MAX_REASON_CHARS = 500
 MAX_LOSS = 100.0  # A per-token cross-entropy above this is a lie or a broken model; ln(128256) is 11.8.
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# Uids as JSON object keys (strings): 0 to 65535, no sign, no leading zeros.
+_UID_KEY = "^(0|[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"
 
 
 def _sha256_hex(value: str) -> str:
@@ -41,7 +43,10 @@ def _finite(value: float) -> float:
     return value
 
 
-Sha256Hex = Annotated[str, AfterValidator(_sha256_hex)]
+# The schema states what the validators check, so that a client (or a fuzzer) that follows it is accepted.
+Sha256Hex = Annotated[
+    str, AfterValidator(_sha256_hex), WithJsonSchema({"type": "string", "pattern": "^[0-9a-f]{64}$"})
+]
 FiniteFloat = Annotated[float, AfterValidator(_finite)]
 
 
@@ -205,7 +210,10 @@ class WorkResponse(_Message):
 class CompleteRequest(SessionRequest):
     item_id: str = Field(max_length=128)
     output: ArtifactRef | None = None
-    loss: FiniteFloat | None = Field(None, ge=0, le=MAX_LOSS, description="The tail's mean loss.")
+    # Bounds before the finiteness check: after it, pydantic leaves them out of the schema (as "ge", "le").
+    loss: Annotated[float, Field(ge=0, le=MAX_LOSS), AfterValidator(_finite)] | None = Field(
+        None, description="The tail's mean loss."
+    )
     compute_s: FiniteFloat = Field(0.0, ge=0, le=86400)
 
 
@@ -294,7 +302,14 @@ class MergeTask(_Message):
     deadline_in_s: float
 
 
+def _phase_required(schema: dict[str, Any]) -> None:
+    # `phase` tells the reports apart (MergeReportRequest.report): it has a default for Python callers, but
+    # a body without it cannot be parsed, so the schema says it is required.
+    schema["required"] = sorted({*schema.get("required", []), "phase"})
+
+
 class UploadReport(_Message):
+    model_config = ConfigDict(json_schema_extra=_phase_required)
     phase: Literal["upload"] = "upload"
     steps: int = Field(ge=0, le=10**9, description="Optimizer steps taken since the start-of-epoch weights.")
     parts: list[ArtifactRef] = Field(max_length=4096)
@@ -306,6 +321,7 @@ class ReducedPartition(_Message):
 
 
 class ReduceReport(_Message):
+    model_config = ConfigDict(json_schema_extra=_phase_required)
     phase: Literal["reduce"] = "reduce"
     results: list[ReducedPartition] = Field(default_factory=list, max_length=4096)
     bad_sources: list[str] = Field(
@@ -314,6 +330,7 @@ class ReduceReport(_Message):
 
 
 class ApplyReport(_Message):
+    model_config = ConfigDict(json_schema_extra=_phase_required)
     phase: Literal["apply"] = "apply"
     version: int = Field(ge=1)
     weights_sha256: Sha256Hex = Field(description="`common.merge.weights_digest` of the new weights.")
@@ -524,7 +541,10 @@ class ScoresReport(_Message):
     at: NonNegativeFloat = Field(description="When the round was computed (unix seconds).")
     scores: dict[Hotkey, MinerScoreEntry] = Field(max_length=MAX_SCORE_ENTRIES)
     weights: dict[Uid, NonNegativeFloat] = Field(
-        max_length=MAX_SCORE_ENTRIES, description="uid -> weight, as set on the chain (summing to 1)."
+        max_length=MAX_SCORE_ENTRIES,
+        description="uid -> weight, as set on the chain (summing to 1).",
+        # JSON keys are strings: the schema says which ones parse as a uid (pydantic leaves that out).
+        json_schema_extra={"propertyNames": {"pattern": _UID_KEY}},
     )
 
 

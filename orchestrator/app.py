@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from common.protocol import HEADER_PROTOCOL, HEADER_RUN, PROTOCOL_VERSION, ErrorBody
+from orchestrator.deps import BODY_MODELS
 from orchestrator.metrics import status_loop
 from orchestrator.routers import dashboard, merge, metrics, miners, public, validators, work
 from orchestrator.scheduler import SchedulerError
@@ -27,6 +29,17 @@ _CODES = {
     422: "invalid_body",
     429: "rate_limited",
     503: "unavailable",
+}
+
+
+# Every error answer, on every route, is an ErrorBody (the handlers below); declared so that the schema says
+# so, instead of FastAPI's default 422 body, which this app never sends.
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorBody, "description": "Refused: `code` says why (see docs/protocol.md)."},
+    "5XX": {
+        "model": ErrorBody,
+        "description": "Unavailable for now (storage, replay cache: retry), or a bug.",
+    },
 }
 
 
@@ -58,6 +71,7 @@ def create_app(orchestrator: Orchestrator) -> FastAPI:
         version=str(PROTOCOL_VERSION),
         description="Assigns stages, routes work through S3, and keeps the record of who did what.",
         lifespan=lifespan,
+        responses=_ERROR_RESPONSES,
     )
     app.state.orchestrator = orchestrator
     app.include_router(public.router)
@@ -67,6 +81,13 @@ def create_app(orchestrator: Orchestrator) -> FastAPI:
     app.include_router(work.router)
     app.include_router(merge.router)
     app.include_router(validators.router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _complete_schema(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.middleware("http")
     async def protocol_version(
@@ -99,4 +120,30 @@ def create_app(orchestrator: Orchestrator) -> FastAPI:
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         return _error(422, "invalid_request", str(error.errors()[:5]))
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        # A bug, not the caller's fault: still the one error format (the schema promises ErrorBody for 5XX
+        # too), with no internals in it. Starlette re-raises afterwards, so the server logs the traceback;
+        # this runs outside the middleware, hence the headers here.
+        headers = {HEADER_PROTOCOL: str(PROTOCOL_VERSION), HEADER_RUN: orchestrator.run_id}
+        return _error(500, "internal_error", "the orchestrator failed on this request; it is logged", headers)
+
     return app
+
+
+def _complete_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` with the models of signed bodies (`deps.signed_body`) in its components, where their
+    references point (FastAPI adds only the models it parses itself), and errors as JSON on every route
+    (FastAPI gives declared responses the route's media type: text/plain on /metrics)."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name, model in BODY_MODELS.items():
+        definition = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for sub_name, sub in definition.pop("$defs", {}).items():
+            components.setdefault(sub_name, sub)
+        components.setdefault(name, definition)
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for status in _ERROR_RESPONSES:
+                operation["responses"][status]["content"] = error
+    return schema

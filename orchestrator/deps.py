@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
@@ -39,6 +39,22 @@ async def validator(request: Request) -> VerifiedRequest:
 Signed = Annotated[VerifiedRequest, Depends(signed)]
 Validator = Annotated[VerifiedRequest, Depends(validator)]
 Orch = Annotated[Orchestrator, Depends(get_orchestrator)]
+
+
+# Request models declared with `signed_body`, by name, for the app to add to its OpenAPI components.
+BODY_MODELS: dict[str, type[BaseModel]] = {}
+
+
+def signed_body(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` declaring `model` as a signed route's JSON body.
+
+    Signed routes read the raw body themselves (the signature covers its bytes; see `parse`), so FastAPI
+    cannot see the model; without this the schema would say the route takes no body, and a client
+    generator or a fuzzer would never send one. Use the model the route hands to `parse`.
+    """
+    BODY_MODELS[model.__name__] = model
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
 def parse(model: type[M], req: VerifiedRequest) -> M:

@@ -5,12 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from common.protocol import Ack, MergeReportRequest
-from orchestrator.deps import Orch, Signed, parse
+from orchestrator.deps import Orch, Signed, parse, signed_body
 
 router = APIRouter(prefix="/v1/merge", tags=["merge"])
 
 
-@router.post("/report", response_model=Ack)
+@router.post("/report", response_model=Ack, openapi_extra=signed_body(MergeReportRequest))
 async def report(req: Signed, orch: Orch) -> Ack:
     """Report a merge phase done: the pseudo-gradient uploaded, partitions reduced, or the step applied."""
     body = parse(MergeReportRequest, req)

@@ -5,13 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from common.protocol import RegisterRequest, RegisterResponse
-from orchestrator.deps import Orch, Signed, parse
+from orchestrator.deps import Orch, Signed, parse, signed_body
 from orchestrator.scheduler import SchedulerError
 
 router = APIRouter(prefix="/v1/miners", tags=["miners"])
 
 
-@router.post("/register", response_model=RegisterResponse)
+@router.post("/register", response_model=RegisterResponse, openapi_extra=signed_body(RegisterRequest))
 async def register(req: Signed, orch: Orch) -> RegisterResponse:
     """Join the run: get a stage, a session, the model, the data and the global weights to load."""
     body = parse(RegisterRequest, req)

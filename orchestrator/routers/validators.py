@@ -16,7 +16,7 @@ from common.protocol import (
     ValidatorTaskResponse,
     VerdictRequest,
 )
-from orchestrator.deps import Orch, Validator, parse
+from orchestrator.deps import Orch, Validator, parse, signed_body
 from orchestrator.scheduler import SchedulerError
 
 router = APIRouter(prefix="/v1/validators", tags=["validators"])
@@ -29,7 +29,9 @@ def _same_run(orch: Orch, run_id: str) -> None:
         raise SchedulerError(409, "run_mismatch", f"this orchestrator runs {orch.run_id}; register again")
 
 
-@router.post("/register", response_model=ValidatorRegisterResponse)
+@router.post(
+    "/register", response_model=ValidatorRegisterResponse, openapi_extra=signed_body(ValidatorRegisterRequest)
+)
 async def register(req: Validator, orch: Orch) -> ValidatorRegisterResponse:
     """Join as a validator: the run's model, data and training settings, to replay miners' work with."""
     body = parse(ValidatorRegisterRequest, req)
@@ -51,7 +53,7 @@ async def register(req: Validator, orch: Orch) -> ValidatorRegisterResponse:
     )
 
 
-@router.post("/task", response_model=ValidatorTaskResponse)
+@router.post("/task", response_model=ValidatorTaskResponse, openapi_extra=signed_body(ValidatorTaskRequest))
 async def task(req: Validator, orch: Orch) -> ValidatorTaskResponse:
     """A replay task leased to the caller, waiting up to `wait_s` for one."""
     body = parse(ValidatorTaskRequest, req)
@@ -66,7 +68,7 @@ async def task(req: Validator, orch: Orch) -> ValidatorTaskResponse:
         await asyncio.sleep(min(_POLL_S, remaining))
 
 
-@router.post("/verdict", response_model=Ack)
+@router.post("/verdict", response_model=Ack, openapi_extra=signed_body(VerdictRequest))
 async def verdict(req: Validator, orch: Orch) -> Ack:
     """Report the verdict of a replay the caller leased."""
     body = parse(VerdictRequest, req)
@@ -75,7 +77,7 @@ async def verdict(req: Validator, orch: Orch) -> Ack:
     return Ack()
 
 
-@router.post("/scores", response_model=Ack)
+@router.post("/scores", response_model=Ack, openapi_extra=signed_body(ScoresReport))
 async def scores(req: Validator, orch: Orch) -> Ack:
     """The caller's latest scores and the weights it set on the chain, for the dashboard. Only the latest
     report per validator is kept, in memory; it decides nothing (weights take effect on the chain)."""

@@ -17,13 +17,13 @@ from common.protocol import (
     WorkResponse,
 )
 from common.storage import StorageError
-from orchestrator.deps import Orch, Signed, parse
+from orchestrator.deps import Orch, Signed, parse, signed_body
 from orchestrator.scheduler import SchedulerError
 
 router = APIRouter(prefix="/v1/work", tags=["work"])
 
 
-@router.post("/next", response_model=WorkResponse)
+@router.post("/next", response_model=WorkResponse, openapi_extra=signed_body(WorkRequest))
 async def next_work(req: Signed, orch: Orch) -> WorkResponse:
     """The caller's next item, waiting up to `wait_s` for one; also lists forward state to drop."""
     body = parse(WorkRequest, req)
@@ -54,7 +54,7 @@ async def next_work(req: Signed, orch: Orch) -> WorkResponse:
     )
 
 
-@router.post("/complete", response_model=CompleteResponse)
+@router.post("/complete", response_model=CompleteResponse, openapi_extra=signed_body(CompleteRequest))
 async def complete(req: Signed, orch: Orch) -> CompleteResponse:
     """Report an item done. The output object must exist with exactly the reported size and sha256."""
     body = parse(CompleteRequest, req)
@@ -72,7 +72,7 @@ async def complete(req: Signed, orch: Orch) -> CompleteResponse:
     return CompleteResponse(sample_completed=orch.scheduler.complete(miner, body))
 
 
-@router.post("/fail", response_model=Ack)
+@router.post("/fail", response_model=Ack, openapi_extra=signed_body(FailRequest))
 async def fail(req: Signed, orch: Orch) -> Ack:
     """Give up on the caller's current item; with `blame_input`, its input was bad."""
     body = parse(FailRequest, req)
@@ -81,7 +81,7 @@ async def fail(req: Signed, orch: Orch) -> Ack:
     return Ack()
 
 
-@router.post("/presign", response_model=UploadTarget)
+@router.post("/presign", response_model=UploadTarget, openapi_extra=signed_body(PresignRequest))
 async def presign(req: Signed, orch: Orch) -> UploadTarget:
     """A fresh upload URL for the output of the caller's current item (and for no other key)."""
     body = parse(PresignRequest, req)
