@@ -465,6 +465,13 @@ def _auth_errors(codes: dict[int, str]) -> list[tuple[int, str, str, str]]:
         ),
         (413, codes[413], "signed", "the body is larger than `IOTA_AUTH_MAX_BODY_BYTES`"),
         (
+            429,
+            codes[429],
+            "signed",
+            "this hotkey sent more than `IOTA_AUTH_RATE_BURST` requests at once or `IOTA_AUTH_RATE_PER_S` "
+            "sustained; retry after `Retry-After` seconds (forged or replayed requests spend no budget)",
+        ),
+        (
             503,
             codes[503],
             "signed",
@@ -512,6 +519,7 @@ def render(endpoints: list[Endpoint], schemas: dict[str, dict[str, Any]], codes:
         f"| 404 | `{codes[404]}` | no such path |",
         f"| 405 | `{codes[405]}` | the path exists, the method does not |",
         "| 422 | `invalid_request` | a query parameter is missing or out of range |",
+        "| 500 | `internal_error` | a fault in the orchestrator; the detail names no internals |",
         "",
         "Signed routes (`signed`, `validator`), before the route runs:",
         "",
