@@ -187,6 +187,14 @@ def test_public_reads_show_no_credentials(net: Net, s3: EmbeddedS3) -> None:
             assert leak not in resp.text, f"GET {path} shows {leak!r}"
 
 
+def test_public_cursors_beyond_sqlites_integers_are_refused_not_crashed(net: Net) -> None:
+    """The fuzzer's find: a cursor past 2**63 - 1 made SQLite raise (a 500); now it is a 422."""
+    for path in ("/v1/losses?after=", "/v1/merges?after_epoch=", "/v1/ledger?after_epoch="):
+        assert httpx.get(f"{net.base_url}{path}{2**63 - 1}").status_code == 200, path
+        resp = httpx.get(f"{net.base_url}{path}{2**63}")
+        assert resp.status_code == 422 and resp.json()["code"] == "invalid_request", (path, resp.text)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Validator-only routes refuse miners
 

@@ -20,6 +20,9 @@ from orchestrator.service import Orchestrator
 
 router = APIRouter(tags=["public"])
 
+# SQLite's INTEGER range: a larger cursor cannot even be bound to a query (found by the fuzzer as a 500).
+MAX_ID = 2**63 - 1
+
 
 @router.get("/health")
 async def health(orch: Orch) -> dict[str, str]:
@@ -81,7 +84,7 @@ def run_status(orch: Orchestrator) -> RunStatus:
 
 @router.get("/v1/losses", response_model=LossPage)
 async def losses(
-    orch: Orch, after: int = Query(0, ge=0), limit: int = Query(1000, ge=1, le=10_000)
+    orch: Orch, after: int = Query(0, ge=0, le=MAX_ID), limit: int = Query(1000, ge=1, le=10_000)
 ) -> LossPage:
     """The tail's losses in order, each with its pathway (the miner at every stage)."""
     rows = orch.db.losses_after(after, limit)
@@ -94,7 +97,7 @@ async def losses(
 
 @router.get("/v1/merges", response_model=list[MergeRecord])
 async def merges(
-    orch: Orch, after_epoch: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)
+    orch: Orch, after_epoch: int = Query(0, ge=0, le=MAX_ID), limit: int = Query(100, ge=1, le=1000)
 ) -> list[MergeRecord]:
     """What every finished merge did: who contributed with what weight, who was left out or flagged."""
     return orch.epochs.records(after_epoch, limit)
@@ -102,7 +105,7 @@ async def merges(
 
 @router.get("/v1/ledger", response_model=list[EpochLedger])
 async def ledger(
-    orch: Orch, after_epoch: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)
+    orch: Orch, after_epoch: int = Query(0, ge=0, le=MAX_ID), limit: int = Query(100, ge=1, le=1000)
 ) -> list[EpochLedger]:
     """Per finished epoch: each miner's accepted work and merge flags, and every replay verdict; the
     record validators compute scores from."""
