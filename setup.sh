@@ -75,7 +75,7 @@ if [ "$have_torch" != "$torch_flavor" ] && ! { [ "$torch_flavor" = cpu ] && [ -n
   fi
 fi
 
-dev_extras="[dev,hf]"
+dev_extras="[dev,hf,bench]"
 extras=""
 # dev includes the hf extra so that the tests exercise the Hugging Face corpus (offline, on local files).
 [ "$role" = dev ] && extras="$dev_extras"

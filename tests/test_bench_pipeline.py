@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)  # a loaded 2-core CI machine has taken over 110 s
 def test_pipeline_bench_json(tmp_path: Path) -> None:
     out = tmp_path / "pipeline.json"
     command = [
@@ -21,7 +21,7 @@ def test_pipeline_bench_json(tmp_path: Path) -> None:
         "--batch-size", "2", "--seq-len", "32", "--warmup", "1", "--single-steps", "2",
         "--workdir", str(tmp_path / "devnet"), "--out", str(out),
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=110, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=280, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert json.loads(out.read_text()) == result
