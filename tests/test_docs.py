@@ -133,6 +133,7 @@ COVERED = [
     (r"python bench/merge\.py( .*)?", "tests/test_bench_merge.py"),
     (r"python bench/validation\.py( .*)?", "tests/test_bench_validation.py"),
     (r"python bench/replay_sim\.py( .*)?", "tests/test_replay.py"),
+    (r"python bench/compression\.py( .*)?", "tests/test_bench_compression.py"),
 ]
 
 _CHAIN = "needs the real Bittensor chain (and TAO), or creates keys in ~/.bittensor"

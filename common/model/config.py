@@ -1,7 +1,9 @@
 """Model shapes and the named presets, each with its pipeline-stage split.
 
 A preset fixes the transformer's shape and how its blocks are divided among stages. The bottleneck width at
-stage boundaries is derived from `bottleneck_ratio` (d_model / b), so one knob moves every boundary.
+stage boundaries is derived from `bottleneck_ratio` (d_model / b), so one knob moves every boundary; a
+ratio of 1 means no bottleneck at all (the whole residual stream crosses), the compression benchmark's
+baseline.
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ class ModelConfig:
     @property
     def n_stages(self) -> int:
         return len(self.stage_blocks)
+
+    @property
+    def has_bottleneck(self) -> bool:
+        """False at ratio 1: stages then hand the d-wide residual stream on with no encoder or decoder."""
+        return self.bottleneck_ratio > 1
 
     @property
     def bottleneck_dim(self) -> int:

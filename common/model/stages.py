@@ -2,7 +2,8 @@
 
 Stage 0 (the head) embeds tokens; the last stage (the tail) ends with the final norm and the LM head; every
 stage but the tail ends with a bottleneck encoder and every stage but the head starts with a decoder. Only
-the encoder's b-wide output crosses the network.
+the encoder's b-wide output crosses the network. At bottleneck_ratio 1 there is neither: the d-wide residual
+stream crosses as it is.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ class PipelineStage(nn.Module):
         self.is_head, self.is_tail = stage == 0, stage == cfg.n_stages - 1
         if self.is_head:
             self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        else:
+        elif cfg.has_bottleneck:
             self.decoder = BottleneckDecoder(cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in cfg.block_range(stage))
         if self.is_tail:
             self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        else:
+        elif cfg.has_bottleneck:
             self.encoder = BottleneckEncoder(cfg)
         cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -48,13 +49,16 @@ class PipelineStage(nn.Module):
         seq = x.shape[1]
         if seq > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds max_seq_len {self.cfg.max_seq_len}")
-        h = self.embed(x) if self.is_head else self.decoder(x)
+        if self.is_head:
+            h = self.embed(x)
+        else:
+            h = self.decoder(x) if self.cfg.has_bottleneck else x
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         for block in self.blocks:
             h = block(h, cos, sin)
         if self.is_tail:
             return self.lm_head(self.norm(h))
-        return self.encoder(h)
+        return self.encoder(h) if self.cfg.has_bottleneck else h
 
 
 def stage_seed(seed: int, stage: int) -> int:
