@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
 from common.model import get_preset
+from tests.benches import load_bench
 
-ROOT = Path(__file__).resolve().parents[1]
 SHAPE_KEYS = ("vocab", "d_model", "layers", "heads", "kv_heads", "head_dim", "ffn", "rope_theta", "norm_eps")
-
-
-def load_bench() -> ModuleType:
-    # In-process rather than a subprocess: torch is already imported here, which keeps the test fast.
-    spec = importlib.util.spec_from_file_location("bench_model", ROOT / "bench" / "model.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.timeout(120)
 def test_model_bench_quick_json(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("transformers", reason="the bench extra (pip install -e .[bench])")
-    bench = load_bench()
+    bench = load_bench("model")
     threads = torch.get_num_threads()
     try:
         with torch.random.fork_rng():  # the bench seeds the global generator for HF's init

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-from types import ModuleType
-
 import httpx
 import pytest
 
 from common.s3server import EmbeddedS3
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_wire", ROOT / "bench" / "wire.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.benches import load_bench
 
 
 @pytest.mark.timeout(60)
 def test_hop_bytes_through_s3(s3: EmbeddedS3) -> None:
-    wire = load_bench()
+    wire = load_bench("wire")
     with wire.counted_store(s3, "test-bench-wire", keep=True) as (store, proxy), httpx.Client() as http:
         rows = wire.measure_s3(store, proxy, http, "1.5b", 128, 1, 1024, real=False)
         tiny = wire.measure_s3(store, proxy, http, "tiny", 128, 1, 256, real=False)
