@@ -12,8 +12,8 @@ Gaussian tensor of the same shape, since codec sizes without lz4 depend only on 
 `--s3` measures the bytes that actually cross the network for one hop: the encoded boundary tensor is PUT
 to a presigned URL on the embedded S3 server with the miners' own client (`common.storage.upload_to_url`
 on a keep-alive httpx client, as `miner/worker.py` holds one) and fetched back with `download_from_url`,
-through a loopback TCP proxy that counts every byte each way (HTTP request line, headers and body; the
-response's status line, headers and body). TCP/IP framing below that is not counted.
+through a loopback TCP proxy (`iota/netproxy.py`) that counts every byte each way (HTTP request line,
+headers and body; the response's status line, headers and body). TCP/IP framing below that is not counted.
 
     python bench/wire.py --json
     python bench/wire.py --s3 --json          # 128x, bf16 and int8, every preset
@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,6 +41,7 @@ from common.protocol import TrainingSpec  # noqa: E402
 from common.s3server import EmbeddedS3  # noqa: E402
 from common.storage import ObjectStore, download_from_url, upload_to_url  # noqa: E402
 from common.wire import BoundaryWire  # noqa: E402
+from iota.netproxy import LoopbackProxy  # noqa: E402
 
 
 def stdlib_tokens(batch: int, seq: int) -> torch.Tensor:
@@ -97,65 +96,6 @@ S3_MODES = {"bf16": (False, 2), "int8": (True, 1)}  # mode: (wire_int8, bytes pe
 HOP_KEY = "runs/run-20261130-120000-0a1b2c/5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY/1234.0.1f"
 
 
-class CountingProxy:
-    """A loopback TCP proxy to `upstream` ("host:port") counting the bytes that pass each way.
-
-    Each chunk is counted before it is forwarded, so once a client has its response every byte of that
-    exchange is in the counts."""
-
-    def __init__(self, upstream: str, *, keep: bool = False) -> None:
-        host, port = upstream.rsplit(":", 1)
-        self._upstream = (host, int(port))
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
-        self._lock = threading.Lock()
-        self.sent = 0  # client to server
-        self.received = 0  # server to client
-        self.keep = keep
-        self.requests = bytearray()  # with `keep`: every byte sent upstream, for a test to read the headers
-        self._closing = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def reset(self) -> tuple[int, int]:
-        with self._lock:
-            counts, self.sent, self.received = (self.sent, self.received), 0, 0
-        return counts
-
-    def _accept(self) -> None:
-        while not self._closing:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self._upstream)
-            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
-        try:
-            while chunk := src.recv(1 << 16):
-                with self._lock:
-                    if upstream:
-                        self.sent += len(chunk)
-                        if self.keep:
-                            self.requests += chunk
-                    else:
-                        self.received += len(chunk)
-                dst.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            # Shutting both ends wakes the other direction's pump; each pump closes the socket it reads.
-            for sock in (src, dst):
-                with suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-            src.close()
-
-    def close(self) -> None:
-        self._closing = True
-        self._listener.close()
-
-
 def hop_wire(preset: str, ratio: int, batch: int, seq: int) -> dict[str, BoundaryWire]:
     cfg = get_preset(preset, bottleneck_ratio=ratio)
     wires = {}
@@ -180,7 +120,7 @@ def hop_wire(preset: str, ratio: int, batch: int, seq: int) -> dict[str, Boundar
 
 def measure_s3(
     store: ObjectStore,
-    proxy: CountingProxy,
+    proxy: LoopbackProxy,
     http: httpx.Client,
     preset: str,
     ratio: int,
@@ -232,9 +172,9 @@ def measure_s3(
 @contextmanager
 def counted_store(
     s3: EmbeddedS3, bucket: str = "wire-bench", *, keep: bool = False
-) -> Iterator[tuple[ObjectStore, CountingProxy]]:
+) -> Iterator[tuple[ObjectStore, LoopbackProxy]]:
     """A store on `s3` whose presigned URLs lead through a counting proxy."""
-    proxy = CountingProxy(urlsplit(s3.endpoint_url).netloc, keep=keep)
+    proxy = LoopbackProxy(urlsplit(s3.endpoint_url).netloc, keep=keep)
     try:
         # The store presigns for the proxy's address, so the signed Host is the one the client sends.
         settings = s3.settings(bucket=bucket).model_copy(

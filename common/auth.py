@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 from bittensor.sp_core import Keypair, verify
 from fastapi import HTTPException, Request
+from starlette.requests import ClientDisconnect
 
 from common.config import AuthSettings
 from common.keys import check_ss58
@@ -55,14 +56,23 @@ _SIGNATURE_RE = re.compile(rf"0x[0-9a-fA-F]{{{2 * SIGNATURE_BYTES}}}")
 _SECONDS_TOLERANCE_MS = 24 * 3600 * 1000
 
 
-class AuthError(Exception):
-    """A request that failed verification; `reason` is safe and useful to show the sender."""
+# The error code of a timestamp outside the freshness window: the sender's clock is off (or the request sat
+# in a queue for longer than the window), which the sender can fix and then retry, unlike a bad signature.
+CLOCK_SKEW = "clock_skew"
 
-    def __init__(self, status_code: int, reason: str, *, retry_after_s: int | None = None) -> None:
+
+class AuthError(Exception):
+    """A request that failed verification; `reason` is safe and useful to show the sender, `code` (if set)
+    is a stable name for programs that is more specific than the status."""
+
+    def __init__(
+        self, status_code: int, reason: str, *, retry_after_s: int | None = None, code: str | None = None
+    ) -> None:
         super().__init__(reason)
         self.status_code = status_code
         self.reason = reason
         self.retry_after_s = retry_after_s
+        self.code = code
 
 
 def _unauthorized(reason: str) -> AuthError:
@@ -348,10 +358,10 @@ class EpistulaVerifier:
         if abs(timestamp_ms * 1000 - now_ms) <= _SECONDS_TOLERANCE_MS:
             raise _unauthorized(f"{HEADER_TIMESTAMP} looks like seconds; Epistula v2 uses milliseconds")
         if age_ms > 0:
-            raise _unauthorized(f"stale request: timestamp is {age_ms} ms old, window is {window_ms} ms")
-        raise _unauthorized(
-            f"timestamp is {-age_ms} ms in the future, window is {window_ms} ms; check the sender's clock"
-        )
+            reason = f"stale request: timestamp is {age_ms} ms old, window is {window_ms} ms"
+        else:
+            reason = f"timestamp is {-age_ms} ms in the future, window is {window_ms} ms"
+        raise AuthError(401, f"{reason}; check the sender's clock", code=CLOCK_SKEW)
 
     def _check_rate(self, hotkey: str, *, take: bool) -> None:
         limiter = self.rate_limiter
@@ -425,6 +435,10 @@ def signed_request_dependency(verifier: EpistulaVerifier) -> Callable[[Request],
             return verifier.verify(request.headers, body)
         except AuthError as error:
             raise _http_exception(error) from None
+        except ClientDisconnect:
+            # The caller hung up mid-body (a timeout, a restart): nobody reads the answer, and it is not a
+            # server error worth a traceback in the log.
+            raise HTTPException(400, "the client disconnected before sending its whole body") from None
 
     return verified_request
 
@@ -442,10 +456,19 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+class AuthHTTPException(HTTPException):
+    """The HTTP answer to an `AuthError`, keeping its `code` for an app that puts codes in its error bodies
+    (the orchestrator's); FastAPI's default handler answers it as any HTTPException."""
+
+    def __init__(self, error: AuthError, headers: dict[str, str] | None) -> None:
+        super().__init__(status_code=error.status_code, detail=error.reason, headers=headers)
+        self.code = error.code
+
+
 def _http_exception(error: AuthError) -> HTTPException:
     headers: dict[str, str] = {}
     if error.status_code == 401:
         headers["WWW-Authenticate"] = "Epistula"
     if error.retry_after_s is not None:
         headers["Retry-After"] = str(error.retry_after_s)
-    return HTTPException(status_code=error.status_code, detail=error.reason, headers=headers or None)
+    return AuthHTTPException(error, headers or None)

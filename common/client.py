@@ -2,12 +2,15 @@
 
 Transient failures (connection refused while the orchestrator restarts, timeouts, 5xx, 429, 503) are
 retried with jittered exponential backoff. A 409 about the run or the session raises `Resync`: the caller
-registers again rather than exiting. Any other 4xx raises `ApiError` with the orchestrator's reason.
+registers again rather than exiting. A 401 `clock_skew` raises `ClockSkew`, which says how far this
+machine's clock is off. Any other 4xx raises `ApiError` with the orchestrator's reason.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
 import httpx
@@ -15,7 +18,7 @@ from bittensor.sp_core import Keypair
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential, wait_random
 
-from common.auth import EpistulaAuth
+from common.auth import CLOCK_SKEW, EpistulaAuth
 from common.protocol import HEADER_PROTOCOL, PROTOCOL_VERSION
 
 log = logging.getLogger("iota.client")
@@ -36,6 +39,16 @@ class ApiError(Exception):
 
 class Resync(ApiError):
     """The orchestrator's run or our session changed: register again and carry on."""
+
+
+class ClockSkew(ApiError):
+    """The orchestrator refused the request's timestamp: this machine's clock is off. `offset_s` is this
+    clock minus the orchestrator's, estimated to about a second from the answer's `Date` header (None when
+    it has none); the signature's timestamp comes from the same clock."""
+
+    def __init__(self, status: int, code: str, detail: str, offset_s: float | None) -> None:
+        super().__init__(status, code, detail)
+        self.offset_s = offset_s
 
 
 class Unavailable(Exception):
@@ -115,5 +128,17 @@ def _api_error(resp: httpx.Response) -> ApiError:
         code, detail = str(payload.get("code", "")), str(payload.get("detail", resp.text[:300]))
     except ValueError:
         code, detail = "", resp.text[:300]
+    if code == CLOCK_SKEW:
+        return ClockSkew(resp.status_code, code, detail, _clock_offset_s(resp))
     cls = Resync if resp.status_code == 409 and code in RESYNC_CODES else ApiError
     return cls(resp.status_code, code or f"http_{resp.status_code}", detail)
+
+
+def _clock_offset_s(resp: httpx.Response) -> float | None:
+    """This machine's clock minus the server's, from the answer's `Date` header (whole seconds, so the
+    server's time lies within the second it names: its middle is the best guess)."""
+    try:
+        server_s = parsedate_to_datetime(resp.headers["date"]).timestamp() + 0.5
+    except (KeyError, TypeError, ValueError):
+        return None
+    return time.time_ns() / 1e9 - server_s

@@ -105,6 +105,10 @@ class Devnet:
         self.behaviors: dict[str, str] = {}  # ss58 -> behavior
         self.stages: dict[str, int] = {}  # hotkey name -> the stage it asks for
         self.metrics_ports: dict[str, int] = {}  # miner or validator name -> its Prometheus port
+        # Per miner, what a test changed in how it starts (kept across restarts): extra environment (say, its
+        # orchestrator URL through a fault proxy) and the command that replaces `python -m iota.cli`.
+        self.miner_env: dict[str, dict[str, str]] = {}
+        self.miner_entry: dict[str, list[str]] = {}
         self.owner = ""
         self.http = httpx.Client(base_url=self.url, timeout=10.0)
 
@@ -182,11 +186,13 @@ class Devnet:
         env.update(extra)
         return env
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, args: list[str], env: dict[str, str], entry: list[str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = (self.workdir / "logs" / f"{name}.log").open("ab")
         # cwd is the workdir, so no `.env` of the user's checkout leaks into the devnet.
         return subprocess.Popen(
-            [sys.executable, "-m", "iota.cli", *args],
+            [*(entry or [sys.executable, "-m", "iota.cli"]), *args],
             cwd=self.workdir,
             env=env,
             stdout=log,
@@ -285,15 +291,26 @@ class Devnet:
         self.orchestrator.send_signal(signal.SIGKILL)
         self.orchestrator.wait()
 
-    def add_miner(self, behavior: str = "honest", threads: int = 1, stage: int | None = None) -> str:
+    def add_miner(
+        self,
+        behavior: str = "honest",
+        threads: int = 1,
+        stage: int | None = None,
+        env: dict[str, str] | None = None,
+        entry: list[str] | None = None,
+    ) -> str:
         """Create and register a hotkey, start a miner process with it (asking for `stage`, if given);
-        returns its hotkey name."""
+        returns its hotkey name. `env` adds to its environment and `entry` replaces `python -m iota.cli`
+        in its command, for this miner only and across restarts (tests put it behind a proxy, say)."""
         name = f"miner{len(self.miners)}"
         keypair = create_hotkey(WALLET, name, self.workdir / "wallets")
         self.chain.register(keypair.ss58_address)
         self.hotkeys[name], self.behaviors[keypair.ss58_address] = keypair.ss58_address, behavior
         if stage is not None:
             self.stages[name] = stage
+        self.miner_env[name] = dict(env or {})
+        if entry:
+            self.miner_entry[name] = list(entry)
         self._start_miner(name, behavior, threads)
         return name
 
@@ -311,7 +328,8 @@ class Devnet:
             IOTA_MINER_STAGE=str(self.stages.get(name, "")),
             **self._metrics_env("MINER", name),
         )
-        self.miners[name] = self._spawn(name, ["miner"], env)
+        env.update(self.miner_env.get(name, {}))
+        self.miners[name] = self._spawn(name, ["miner"], env, self.miner_entry.get(name))
         self.write_endpoints()
 
     def snapshot_path(self, name: str) -> Path:

@@ -19,7 +19,7 @@ import torch
 from bittensor.sp_core import Keypair
 from safetensors.torch import save_file
 
-from common.client import ApiError, OrchestratorClient, Resync, Unavailable
+from common.client import ApiError, ClockSkew, OrchestratorClient, Resync, Unavailable
 from common.codec import CodecError, content_hash
 from common.config import DataSettings
 from common.data import Corpus, batch_tokens, make_corpus
@@ -53,6 +53,9 @@ from miner.trainer import StageTrainer, TrainerError
 log = logging.getLogger("iota.miner")
 
 _TIMINGS_EVERY_S = 10.0
+# A refused clock is retried often and at a steady pace, not with the growing backoff of other refusals: once
+# the clock is fixed (NTP catching up), the miner is back at work within seconds.
+CLOCK_RETRY_S = 3.0
 
 
 class BadInput(Exception):
@@ -110,6 +113,7 @@ class MinerWorker:
         self.merger: MergeParticipant | None = None
         self.traffic = Traffic()
         self.resync = False  # the orchestrator said our run or session is gone: register before more work
+        self.clock_refused = False  # the orchestrator refuses our timestamps (said once, until it accepts)
         self.timings = Timings()
         self.metrics = MinerMetrics(keypair.ss58_address, self.device, settings.behavior, self.traffic)
         self.metrics.view = self._view
@@ -191,9 +195,15 @@ class MinerWorker:
                     self.register()
                 self.step()
                 backoff = 1.0
+                if self.clock_refused:
+                    self.clock_refused = False
+                    log.info("the orchestrator accepts this machine's clock again; back to work")
             except Resync as error:
                 log.info("re-syncing with the orchestrator: %s", error.detail)
                 self.resync = True
+            except ClockSkew as error:
+                self._clock_skewed(error)
+                stop.wait(CLOCK_RETRY_S)
             except Unavailable as error:
                 log.warning("orchestrator unreachable, will keep trying: %s", error)
                 stop.wait(backoff)
@@ -214,6 +224,25 @@ class MinerWorker:
             log.info("saved this stage's weights to %s", self.settings.snapshot_file)
         self.client.close()
         self._s3.close()
+
+    def _clock_skewed(self, error: ClockSkew) -> None:
+        """Say once, clearly, that this machine's clock is the problem; the retries that follow are quiet."""
+        if self.clock_refused:
+            log.debug("the clock is still refused: %s", error.detail)
+            return
+        self.clock_refused = True
+        if error.offset_s is None:
+            off = "off"
+        else:
+            side = "ahead of" if error.offset_s > 0 else "behind"
+            off = f"off by about {abs(error.offset_s):.0f} s against the orchestrator ({side} its clock)"
+        log.error(
+            "this machine's clock is %s, so the orchestrator refuses every request (%s); synchronise it "
+            "(`timedatectl set-ntp true`, chrony). Retrying every %.0f s.",
+            off,
+            error.detail,
+            CLOCK_RETRY_S,
+        )
 
     def _write_timings(self) -> None:
         # For benchmarks and the devnet: where this miner's time went, as JSON.

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from common.auth import AuthHTTPException
 from common.protocol import HEADER_PROTOCOL, HEADER_RUN, PROTOCOL_VERSION, ErrorBody
 from orchestrator.deps import BODY_MODELS
 from orchestrator.metrics import status_loop
@@ -45,6 +48,41 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(ErrorBody(code=code, detail=detail).model_dump(), status_code=status, headers=headers)
+
+
+class ProtocolHeaders:
+    """Refuses a request that names another protocol version (426) and stamps every answer with the
+    orchestrator's protocol version and run id.
+
+    Plain ASGI rather than `@app.middleware("http")`: starlette's BaseHTTPMiddleware runs every request in
+    an extra task with a streamed response, the largest single cost per request under load (bench/load.py).
+    """
+
+    def __init__(self, app: ASGIApp, run_id: str) -> None:
+        self.app, self.run_id = app, run_id
+        self.stamp = {HEADER_PROTOCOL: str(PROTOCOL_VERSION), HEADER_RUN: run_id}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent = Headers(scope=scope).get(HEADER_PROTOCOL)
+        if sent is not None and sent != str(PROTOCOL_VERSION):
+            detail = (
+                f"this orchestrator speaks protocol {PROTOCOL_VERSION}, the request says {sent}; "
+                "upgrade the client"
+            )
+            await _error(426, "protocol_mismatch", detail, self.stamp)(scope, receive, send)
+            return
+
+        async def stamped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in self.stamp.items():
+                    headers[name] = value
+            await send(message)
+
+        await self.app(scope, receive, stamped)
 
 
 def create_app(orchestrator: Orchestrator) -> FastAPI:
@@ -89,23 +127,7 @@ def create_app(orchestrator: Orchestrator) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
 
-    @app.middleware("http")
-    async def protocol_version(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        sent = request.headers.get(HEADER_PROTOCOL)
-        if sent is not None and sent != str(PROTOCOL_VERSION):
-            response: Response = _error(
-                426,
-                "protocol_mismatch",
-                f"this orchestrator speaks protocol {PROTOCOL_VERSION}, the request says {sent}; "
-                "upgrade the client",
-            )
-        else:
-            response = await call_next(request)
-        response.headers[HEADER_PROTOCOL] = str(PROTOCOL_VERSION)
-        response.headers[HEADER_RUN] = orchestrator.run_id
-        return response
+    app.add_middleware(ProtocolHeaders, run_id=orchestrator.run_id)
 
     @app.exception_handler(SchedulerError)
     async def scheduler_error(request: Request, error: SchedulerError) -> JSONResponse:
@@ -113,7 +135,8 @@ def create_app(orchestrator: Orchestrator) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        code = _CODES.get(error.status_code, f"http_{error.status_code}")
+        code = error.code if isinstance(error, AuthHTTPException) and error.code else None
+        code = code or _CODES.get(error.status_code, f"http_{error.status_code}")
         return _error(error.status_code, code, str(error.detail), dict(error.headers or {}))
 
     @app.exception_handler(RequestValidationError)

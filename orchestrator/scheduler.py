@@ -64,10 +64,14 @@ class Scheduler:
         sample_ids: Callable[[int], list[SampleId]],
         clock: Callable[[], float] = time.time,
         notify: Callable[[str], None] = lambda hotkey: None,
+        wake_one: Callable[[Callable[[str], bool]], None] | None = None,
         on_item_done: Callable[[Item], None] = lambda it: None,
     ) -> None:
         self.db, self.run_id, self.n_stages, self.settings = db, run_id, n_stages, settings
         self.sample_ids, self.clock, self.notify = sample_ids, clock, notify
+        # Work any miner of a stage may take wakes one that wants it (the service: one parked in a long poll);
+        # without a service, every such miner.
+        self.wake_one = wake_one or self._wake_all
         self.on_item_done = on_item_done  # metrics: every accepted item, once
         self.miners: dict[str, Miner] = {}
         self.samples: dict[int, Sample] = {}  # in_flight and retry only
@@ -223,6 +227,23 @@ class Scheduler:
         if forward := self._pop_queued(self.stage_queue[miner.stage]):
             return self._assign(forward, miner, now)
         return None
+
+    def _wants_work_of(self, stage: int) -> Callable[[str], bool]:
+        """Whether a miner would take a new item of `stage` now (see `next_item`)."""
+
+        def wants(hotkey: str) -> bool:
+            m = self.miners.get(hotkey)
+            if m is None or not m.active or m.stage != stage or m.move_to is not None:
+                return False
+            if hotkey in self.assigned:
+                return False
+            return stage == self.n_stages - 1 or len(m.holding) < self.settings.max_outstanding
+
+        return wants
+
+    def _wake_all(self, wants: Callable[[str], bool]) -> None:
+        for hotkey in [h for h in self.miners if wants(h)]:
+            self.notify(hotkey)
 
     def _pop_queued(self, queue: deque[str]) -> Item | None:
         """The first item of `queue` still waiting; entries of failed attempts are skipped and dropped."""
@@ -414,9 +435,7 @@ class Scheduler:
         self.db.save_item(new)
         if kind == "forward":
             self.stage_queue[stage].append(new.item_id)
-            for m in self.miners.values():
-                if m.active and m.stage == stage:
-                    self.notify(m.hotkey)
+            self.wake_one(self._wants_work_of(stage))
         else:
             assert miner is not None
             self.backward_queue[miner].append(new.item_id)
@@ -521,9 +540,7 @@ class Scheduler:
             else:
                 sample.state = "retry"
                 self.retry.append(sample_index)
-                for m in self.miners.values():
-                    if m.active and m.stage == 0:
-                        self.notify(m.hotkey)
+                self.wake_one(self._wants_work_of(0))
             self.db.save_sample(sample, now)
             self._retire(attempt, now)
 

@@ -56,6 +56,12 @@ def serve(orchestrator: Orchestrator, host: str, port: int) -> None:
         "orchestrator for run %s listening on http://%s:%d", orchestrator.run_id, host, sock.getsockname()[1]
     )
     config = uvicorn.Config(
-        create_app(orchestrator), log_level="warning", access_log=False, timeout_graceful_shutdown=5
+        create_app(orchestrator),
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        # Miners talk to the orchestrator all the time, with their compute and transfers in between: keep
+        # their connections open rather than uvicorn's 5 s, so they are not re-opened (and raced) every item.
+        timeout_keep_alive=75,
     )
     uvicorn.Server(config).run(sockets=[sock])

@@ -7,7 +7,8 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from common.auth import EpistulaVerifier, signed_request_dependency
@@ -159,10 +160,16 @@ class HotkeyRegistry:
 
 
 class Wakeups:
-    """One event per long-polling miner, set when something that miner may take has arrived."""
+    """One event per long-polling miner, set when something that miner may take has arrived.
+
+    A targeted wake-up (`notify`) is for work only that miner may do (its backward). Work any of many miners
+    may take (a stage's forward) wakes just one miner that is parked in a long poll and wants it
+    (`wake_one`): waking every miner of the stage for each item would have hundreds of them race for it.
+    """
 
     def __init__(self) -> None:
         self._events: dict[str, asyncio.Event] = {}
+        self._parked: dict[str, None] = {}  # insertion-ordered: the longest-waiting miner is woken first
 
     def event(self, hotkey: str) -> asyncio.Event:
         return self._events.setdefault(hotkey, asyncio.Event())
@@ -171,6 +178,23 @@ class Wakeups:
         event = self._events.get(hotkey)
         if event is not None:
             event.set()
+
+    @contextmanager
+    def parked(self, hotkey: str) -> Iterator[None]:
+        """While the caller's long poll waits for its event."""
+        self._parked[hotkey] = None
+        try:
+            yield
+        finally:
+            self._parked.pop(hotkey, None)
+
+    def wake_one(self, wants: Callable[[str], bool]) -> None:
+        """Wake the longest-parked miner for which `wants(hotkey)` holds, if any is parked."""
+        for hotkey in self._parked:
+            if wants(hotkey):
+                del self._parked[hotkey]  # the next item wakes another miner, not this one again
+                self.notify(hotkey)
+                return
 
 
 class Orchestrator:
@@ -202,6 +226,7 @@ class Orchestrator:
             sample_ids=self.sample_ids,
             clock=clock,
             notify=self.wakeups.notify,
+            wake_one=self.wakeups.wake_one,
             on_item_done=self.metrics.item_done,
         )
         # Upload URLs outlive an item's deadline, so a slow but honest upload still lands.

@@ -448,13 +448,22 @@ def collect(app: Any) -> tuple[list[Endpoint], dict[str, dict[str, Any]], dict[i
 
 
 def _auth_errors(codes: dict[int, str]) -> list[tuple[int, str, str, str]]:
+    from common.auth import CLOCK_SKEW
+
     return [
         (
             401,
             codes[401],
             "signed",
-            "missing or malformed Epistula headers, a bad signature, a stale or future "
-            "timestamp (`IOTA_AUTH_FRESHNESS_WINDOW_MS`), or a replayed uuid; `WWW-Authenticate: Epistula`",
+            "missing or malformed Epistula headers, a bad signature, or a replayed uuid; "
+            "`WWW-Authenticate: Epistula`",
+        ),
+        (
+            401,
+            CLOCK_SKEW,
+            "signed",
+            "the timestamp is further than `IOTA_AUTH_FRESHNESS_WINDOW_MS` from the orchestrator's clock "
+            "(the detail says how far, either way): fix the sender's clock, then retry",
         ),
         (
             403,

@@ -475,3 +475,19 @@ def test_admit_hook_refuses_unregistered_hotkeys_before_the_replay_cache(
     assert refused.status_code == 403
     assert "registered" in refused.json()["detail"]
     assert len(cache) == 1  # only alice's request took a slot
+
+
+def test_a_client_that_hangs_up_mid_body_gets_a_quiet_400_not_a_server_error() -> None:
+    """A caller that disconnects while sending (a timeout, a restart) is not a server error: the dependency
+    answers 400 instead of letting starlette log a traceback as an unhandled exception."""
+    from fastapi import HTTPException
+    from starlette.requests import Request
+
+    async def hang_up() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "query_string": b""}
+    dependency = signed_request_dependency(EpistulaVerifier(SETTINGS))
+    with pytest.raises(HTTPException) as raised:
+        asyncio.run(dependency(Request(scope, hang_up)))
+    assert raised.value.status_code == 400 and "disconnected" in str(raised.value.detail)

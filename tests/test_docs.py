@@ -134,6 +134,7 @@ COVERED = [
     (r"python bench/validation\.py( .*)?", "tests/test_bench_validation.py"),
     (r"python bench/replay_sim\.py( .*)?", "tests/test_replay.py"),
     (r"python bench/compression\.py( .*)?", "tests/test_bench_compression.py"),
+    (r"python bench/load\.py( .*)?", "tests/test_bench_load.py"),
 ]
 
 _CHAIN = "needs the real Bittensor chain (and TAO), or creates keys in ~/.bittensor"

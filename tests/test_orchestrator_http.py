@@ -428,7 +428,7 @@ def test_stale_request_is_refused(net: Net) -> None:
     minute_ago = time.time_ns() // 1_000_000 - 60_000
     headers = {**sign_request(keypair, body, now_ms=minute_ago), **PROTOCOL_HEADERS}
     resp = httpx.post(f"{net.base_url}/v1/miners/register", content=body, headers=headers)
-    assert_error(resp, 401, "unauthorized", "stale request")
+    assert_error(resp, 401, "clock_skew", "stale request")
     assert_nobody_registered(net)
 
 

@@ -336,3 +336,32 @@ def test_a_paused_epoch_starts_no_sample_and_carries_running_ones_over_without_c
     assert s.dropped == 0 and s.attempts_failed == 0 and s.in_flight() == 1
     check_accounting(s)
     assert s.db.count_events("attempt_carried_over") == 3
+
+
+def test_a_queued_forward_wakes_one_parked_miner_that_can_take_it(tmp_path: Path) -> None:
+    """With hundreds of miners per stage, waking all of them for each item makes them race for it; one
+    parked miner of the item's stage that would take it is woken, the longest-waiting first."""
+    from orchestrator.service import Wakeups
+
+    wakeups = Wakeups()
+    s = Scheduler(
+        StateDB(tmp_path / "state.sqlite"),
+        run_id=RUN,
+        n_stages=3,
+        settings=settings(),
+        sample_ids=lambda n: [SampleId(shard=0, offset=n)],
+        clock=Clock(),
+        notify=wakeups.notify,
+        wake_one=wakeups.wake_one,
+    )
+    for hk, stage in [("head", 0), ("busy", 1), ("first", 1), ("second", 1), ("tail", 2)]:
+        s.register(hk, "cpu", preferred_stage=stage)
+    events = {hk: wakeups.event(hk) for hk in s.miners if hk != "head"}  # the head is told after each item
+    s.next_item(s.miners["head"])
+    s.miners["busy"].holding.update({"x", "y"})  # at max_outstanding: it would not take a forward
+    with wakeups.parked("busy"), wakeups.parked("first"), wakeups.parked("second"), wakeups.parked("tail"):
+        finish(s, "head")  # queues the stage-1 forward
+        assert {hk for hk, e in events.items() if e.is_set()} == {"first"}
+        s.next_item(s.miners["head"])
+        finish(s, "head")  # a second forward wakes the next parked miner, not "first" again
+        assert {hk for hk, e in events.items() if e.is_set()} == {"first", "second"}

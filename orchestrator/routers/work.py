@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 
 from common.protocol import (
     Ack,
@@ -24,10 +24,15 @@ router = APIRouter(prefix="/v1/work", tags=["work"])
 
 
 @router.post("/next", response_model=WorkResponse, openapi_extra=signed_body(WorkRequest))
-async def next_work(req: Signed, orch: Orch) -> WorkResponse:
-    """The caller's next item, waiting up to `wait_s` for one; also lists forward state to drop."""
+async def next_work(req: Signed, orch: Orch, response: Response) -> WorkResponse:
+    """The caller's next item, waiting up to `wait_s` for one; also lists forward state to drop.
+
+    `Server-Timing: wait;dur=<ms>` says how long the request was parked waiting for work, so a client can
+    tell the orchestrator's latency from the time there was nothing to do.
+    """
     body = parse(WorkRequest, req)
     loop = asyncio.get_running_loop()
+    parked_s = 0.0
     until = loop.time() + min(body.wait_s, orch.settings.poll_wait_s)
     event = orch.wakeups.event(req.hotkey)
     while True:
@@ -41,10 +46,14 @@ async def next_work(req: Signed, orch: Orch) -> WorkResponse:
         remaining = until - loop.time()
         if item or merge or reload or cancelled or miner.move_to is not None or remaining <= 0:
             break
+        parked_at = loop.time()
         try:
-            await asyncio.wait_for(event.wait(), remaining)
+            with orch.wakeups.parked(req.hotkey):
+                await asyncio.wait_for(event.wait(), remaining)
         except TimeoutError:
             pass
+        parked_s += loop.time() - parked_at
+    response.headers["Server-Timing"] = f"wait;dur={parked_s * 1000:.1f}"
     return WorkResponse(
         item=orch.work_item(item) if item is not None else None,
         cancelled=cancelled,
