@@ -58,7 +58,9 @@ pip_install() {
 
 # uv resolves and installs in seconds where pip takes minutes (the dev install on our 2-core machines: 17 s
 # against 164 s; torch from the file on disk: 14 s against 90 s). pip stays the fallback wherever uv cannot
-# be installed, and installs torch wherever uv would not find the same build pip finds.
+# be installed, and installs torch wherever uv would not find the same build pip finds. --compile-bytecode,
+# as pip does: otherwise every process that starts first after set-up compiles torch's modules itself, and
+# a network's processes starting together each compile them at once.
 have_uv=""
 ensure_uv() {
   if [ -z "$have_uv" ]; then
@@ -68,9 +70,9 @@ ensure_uv() {
 }
 uv_install() {
   if [ "$quiet" = 1 ]; then
-    "$py" -m uv pip install --python "$py" "$@" >"$log" 2>&1 || { tail -n 40 "$log" >&2; return 1; }
+    "$py" -m uv pip install --python "$py" --compile-bytecode "$@" >"$log" 2>&1 || { tail -n 40 "$log" >&2; return 1; }
   else
-    "$py" -m uv pip install --python "$py" "$@"
+    "$py" -m uv pip install --python "$py" --compile-bytecode "$@"
   fi
 }
 fast_install() { if ensure_uv; then uv_install "$@"; else pip_install "$@"; fi; }

@@ -154,14 +154,14 @@ class SimulatedMiner:
         self.tally.registered += 1
         return True
 
-    async def run(self, stop_at: float, payload: bytes, payload_ref: tuple[int, str]) -> None:
+    async def run(self, stop: asyncio.Event, payload: bytes, payload_ref: tuple[int, str]) -> None:
         async with self.http:
-            await self.loop(stop_at, payload, payload_ref)
+            await self.loop(stop, payload, payload_ref)
 
-    async def loop(self, stop_at: float, payload: bytes, payload_ref: tuple[int, str]) -> None:
+    async def loop(self, stop: asyncio.Event, payload: bytes, payload_ref: tuple[int, str]) -> None:
         while not await self.register():
             await asyncio.sleep(1.0)
-        while time.monotonic() < stop_at:
+        while not stop.is_set():  # an item in hand is finished and reported first
             resp = await self.post(
                 "/v1/work/next", WorkRequest(run_id=self.run_id, session=self.session, wait_s=5.0)
             )
@@ -233,8 +233,8 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
     # The window opens after registration (a burst no steady network sees) and the warm-up.
     tally = Tally(window=(float("inf"), float("inf")))
     miners = [SimulatedMiner(key, args, tally) for key in keys]
-    stop_at = start + 3600.0
-    tasks = [asyncio.create_task(m.run(stop_at, payload, payload_ref)) for m in miners]
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(m.run(stop, payload, payload_ref)) for m in miners]
     while tally.registered < len(miners):
         await asyncio.sleep(0.2)
         crashed(tasks)
@@ -258,9 +258,13 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
     if args.profile:
         os.kill(args.orchestrator_pid, signal.SIGUSR2)
     crashed(tasks)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    # Every miner finishes the item it holds and reports it, so each completion the orchestrator recorded
+    # was acknowledged to its miner and the two counts must agree exactly.
+    stop.set()
+    _, stuck = await asyncio.wait(tasks, timeout=120)
+    crashed(tasks)
+    if stuck:
+        raise RuntimeError(f"{len(stuck)} simulated miners did not finish their item within 120 s")
     everything = sorted(ms for route in tally.latencies_ms.values() for ms in route)
     return {
         "rps": tally.answered_in_window / args.duration,

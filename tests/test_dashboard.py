@@ -119,7 +119,13 @@ def report(net: Net, *, epoch: int = 0, scores: dict[str, float], weights: dict[
 def test_dashboard_shows_the_run_its_miners_losses_and_throughput(net: Net) -> None:
     losses = [5.0, 4.0, 3.5, 3.0]
     train(net, losses)
-    assert wait_until(lambda: len(dashboard(net).throughput) >= 3, timeout_s=5.0)
+    # Snapshots are taken on a clock; on a slow machine some are taken before training ends, so wait for one
+    # taken after it.
+    def caught_up() -> bool:
+        points = dashboard(net).throughput
+        return len(points) >= 3 and points[-1].samples_completed == 4
+
+    assert wait_until(caught_up, timeout_s=10.0)
     data = dashboard(net)
 
     # The run at a glance is /v1/status itself.

@@ -11,7 +11,8 @@ sync. The faults, in order:
 4. the same miner's clock set beyond the freshness window: it says so in one clear line, completes nothing,
    and is back at work once the clock is right;
 5. S3 answering 503 for a while, then holding connections without answering, then healthy again;
-6. the orchestrator SIGKILLed mid-merge and restarted: the merge completes or rolls back cleanly.
+6. the orchestrator SIGKILLed mid-merge and restarted: the merge completes or rolls back cleanly;
+7. the run replaced (a new state file): every miner registers with the new run and trains on.
 
 A miner killed during a merge is `tests/test_merge_e2e.py`'s.
 """
@@ -327,3 +328,15 @@ def test_the_run_survives_each_fault_and_its_accounting_stays_exact(run: Faults)
     # Pathways varied across both replicas of every stage.
     for stage, keys in replicas.items():
         assert {r.pathway[stage] for r in losses} == set(keys), stage
+
+    # Last, the operator replaces the run (a new state file): every miner is told its run is gone,
+    # registers with the new one and trains on; none exits.
+    with run.timed("a new run"):
+        net.kill_orchestrator()
+        for suffix in ("", "-wal", "-shm"):
+            (net.workdir / f"orchestrator.sqlite{suffix}").unlink(missing_ok=True)
+        net.start_orchestrator()
+        second = net.wait_for(lambda s: s.samples_completed >= 3, timeout_s=120)
+    assert second.run_id != final.run_id
+    assert all(proc.poll() is None for proc in net.miners.values())
+    assert sorted(m.stage for m in second.miners) == [0, 0, 1, 1, 2, 2]
