@@ -285,6 +285,9 @@ class ObjectStore:
             retries={"max_attempts": attempts, "mode": "standard"},
             connect_timeout=connect_timeout_s,
             read_timeout=read_timeout_s,
+            # The orchestrator checks uploads from a pool of UPLOAD_CHECK_THREADS threads at once; botocore's
+            # default of 10 connections would queue them.
+            max_pool_connections=UPLOAD_CHECK_THREADS,
         )
         client = boto3.client(
             "s3",
@@ -483,6 +486,9 @@ class ObjectStore:
 
 
 # Large uploads through ObjectStore: parts of 16 MiB, a few in parallel.
+# How many reads of the store the orchestrator runs at once to check uploads (each mostly waits on the store).
+UPLOAD_CHECK_THREADS = 32
+
 _TRANSFER_CONFIG = TransferConfig(
     multipart_threshold=16 * _MIB, multipart_chunksize=16 * _MIB, max_concurrency=4
 )

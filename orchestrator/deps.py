@@ -14,20 +14,26 @@ from orchestrator.service import Orchestrator
 M = TypeVar("M", bound=BaseModel)
 
 
-def get_orchestrator(request: Request) -> Orchestrator:
+def orchestrator_of(request: Request) -> Orchestrator:
     orchestrator: Orchestrator = request.app.state.orchestrator
     return orchestrator
 
 
+async def get_orchestrator(request: Request) -> Orchestrator:
+    """The dependency. Async on purpose: FastAPI runs a plain `def` dependency in its thread pool, a thread
+    hop on every request that, under load, queued requests behind the pool's 40 threads (bench/load.py)."""
+    return orchestrator_of(request)
+
+
 async def signed(request: Request) -> VerifiedRequest:
     """A request signed (Epistula) by a hotkey registered on the subnet; 401/403/413 otherwise."""
-    return await get_orchestrator(request).verify(request)
+    return await orchestrator_of(request).verify(request)
 
 
 async def validator(request: Request) -> VerifiedRequest:
     """A signed request from a hotkey with a validator permit and enough stake; 403 for anyone else."""
     req = await signed(request)
-    orch = get_orchestrator(request)
+    orch = orchestrator_of(request)
     problem = orch.registry.validator_problem(req.hotkey, orch.settings.validator_min_stake)
     if problem is not None:
         raise SchedulerError(403, "not_a_validator", problem)

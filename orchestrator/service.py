@@ -8,6 +8,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ from common.protocol import (
     WorkItem,
     manifest_key,
 )
-from common.storage import ObjectStore, StorageError
+from common.storage import UPLOAD_CHECK_THREADS, ObjectStore, StorageError
 from orchestrator.dashboard_state import DashboardState
 from orchestrator.db import Item, StateDB
 from orchestrator.epochs import EpochClock, StoreLinks
@@ -255,6 +256,9 @@ class Orchestrator:
             clock=clock,
         )
         self._jobs: set[asyncio.Task[None]] = set()
+        # Upload checks wait on the store, one GET each: a pool of their own, so that under load they neither
+        # queue behind asyncio's default pool (cores + 4 threads) nor hold up the other jobs sent there.
+        self._checks = ThreadPoolExecutor(UPLOAD_CHECK_THREADS, thread_name_prefix="upload-check")
         self.registry = HotkeyRegistry(chain, metagraph_refresh_s)
         self.dashboard = DashboardState(
             chain, db, lambda: self.scheduler.completed, clock, chain_every_s=max(metagraph_refresh_s, 5.0)
@@ -327,6 +331,10 @@ class Orchestrator:
         )
 
     # -- checking an upload before accepting it ---------------------------------------------------------
+
+    async def checked_upload(self, ref: ArtifactRef) -> str | None:
+        """`check_upload` on the upload-check pool."""
+        return await asyncio.get_running_loop().run_in_executor(self._checks, self.check_upload, ref)
 
     def check_upload(self, ref: ArtifactRef) -> str | None:
         """Why the object behind `ref` is not what its producer announced, or None if it is.

@@ -71,7 +71,7 @@ async def complete(req: Signed, orch: Orch) -> CompleteResponse:
     item = orch.scheduler.check_complete(miner, body)
     if item is not None and body.output is not None:
         try:
-            problem = await asyncio.to_thread(orch.check_upload, body.output)
+            problem = await orch.checked_upload(body.output)
         except StorageError as error:
             raise SchedulerError(503, "storage_unavailable", f"could not check the upload: {error}") from None
         if problem is not None:
