@@ -485,10 +485,10 @@ class ObjectStore:
             self._s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
 
 
-# Large uploads through ObjectStore: parts of 16 MiB, a few in parallel.
 # How many reads of the store the orchestrator runs at once to check uploads (each mostly waits on the store).
 UPLOAD_CHECK_THREADS = 32
 
+# Large uploads through ObjectStore: parts of 16 MiB, a few in parallel.
 _TRANSFER_CONFIG = TransferConfig(
     multipart_threshold=16 * _MIB, multipart_chunksize=16 * _MIB, max_concurrency=4
 )

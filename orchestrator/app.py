@@ -59,7 +59,7 @@ class ProtocolHeaders:
     """
 
     def __init__(self, app: ASGIApp, run_id: str) -> None:
-        self.app, self.run_id = app, run_id
+        self.app = app
         self.stamp = {HEADER_PROTOCOL: str(PROTOCOL_VERSION), HEADER_RUN: run_id}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

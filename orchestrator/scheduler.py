@@ -214,8 +214,7 @@ class Scheduler:
         now = self.clock()
         if backward := self._pop_queued(self.backward_queue[miner.hotkey]):
             return self._assign(backward, miner, now)
-        tail = miner.stage == self.n_stages - 1
-        if not tail and len(miner.holding) >= self.settings.max_outstanding:
+        if not self._has_room(miner):
             return None
         if miner.stage == 0:
             if self.paused:
@@ -235,11 +234,14 @@ class Scheduler:
             m = self.miners.get(hotkey)
             if m is None or not m.active or m.stage != stage or m.move_to is not None:
                 return False
-            if hotkey in self.assigned:
-                return False
-            return stage == self.n_stages - 1 or len(m.holding) < self.settings.max_outstanding
+            return hotkey not in self.assigned and self._has_room(m)
 
         return wants
+
+    def _has_room(self, miner: Miner) -> bool:
+        """Whether the miner may take another forward: the tail keeps no forward state, the others at most
+        `max_outstanding` awaiting their backward."""
+        return miner.stage == self.n_stages - 1 or len(miner.holding) < self.settings.max_outstanding
 
     def _wake_all(self, wants: Callable[[str], bool]) -> None:
         for hotkey in [h for h in self.miners if wants(h)]:
