@@ -355,7 +355,9 @@ class MergeRecord(_Message):
     outcome: Literal["merged", "rolled_back"]
     version: int = Field(description="The stage's global version after the merge.")
     participants: dict[str, float] = Field(description="Hotkey to the work weight its pseudo-gradient had.")
-    excluded: dict[str, str] = Field(description="Hotkey to why it was left out (dead, late, bad upload).")
+    excluded: dict[str, str] = Field(
+        description="Hotkey to why a miner of the stage was left out (inactive, idle, dead, late, bad data)."
+    )
     in_sync: list[str] = Field(description="Miners that reported the new weights; the rest reload them.")
     flagged: list[MergeFlag]
     partitions: int

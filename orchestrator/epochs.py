@@ -158,14 +158,15 @@ class EpochClock:
         epoch = self.state.epoch
         with self.db.transaction():
             for s in range(self.n_stages):
-                accepted = {
-                    m.hotkey: m.epoch_steps
-                    for m in self.scheduler.miners.values()
-                    if m.active
-                    and m.stage == s
-                    and m.epoch_steps > 0
-                    and m.weights_version == self.versions[s]
-                }
+                accepted: dict[str, int] = {}
+                left_out: dict[str, str] = {}
+                for m in self.scheduler.miners.values():
+                    if m.stage != s or not (m.active or m.epoch_steps):
+                        continue
+                    if why := self._left_out(m, self.versions[s]):
+                        left_out[m.hotkey] = why
+                    else:
+                        accepted[m.hotkey] = m.epoch_steps
                 merge = StageMerge.start(
                     run_id=self.scheduler.run_id,
                     epoch=epoch,
@@ -173,6 +174,7 @@ class EpochClock:
                     version=self.versions[s],
                     numel=self.stage_numel[s],
                     accepted=accepted,
+                    left_out=left_out,
                     timeout_s=self.settings.merge_phase_timeout_s,
                     clip_factor=self.settings.merge_clip_factor,
                     clock=self.clock,
@@ -183,6 +185,17 @@ class EpochClock:
         log.info("epoch %d: merging %d stages", epoch, self.n_stages)
         for merge in self.merges.values():
             self._changed(merge)
+
+    @staticmethod
+    def _left_out(miner: Miner, version: int) -> str | None:
+        """Why a miner of the stage takes no part in its merge (kept in the public record), or None."""
+        if not miner.active:
+            return "inactive when the merge started"
+        if miner.weights_version != version:
+            return f"its weights are at version {miner.weights_version}, the stage's at {version}"
+        if miner.epoch_steps == 0:
+            return "no optimizer steps this epoch"
+        return None
 
     def _next_epoch(self, now: float) -> None:
         st = self.state

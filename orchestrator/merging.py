@@ -138,6 +138,7 @@ class StageMerge:
         numel: int,
         accepted: dict[str, int],
         timeout_s: float,
+        left_out: dict[str, str] | None = None,
         clip_factor: float,
         clock: Callable[[], float],
     ) -> StageMerge:
@@ -155,6 +156,7 @@ class StageMerge:
             started_at=now,
             deadline=now + timeout_s,
             accepted=dict(sorted(accepted.items())),
+            excluded=dict(sorted((left_out or {}).items())),
         )
         merge = cls(state, timeout_s=timeout_s, clip_factor=clip_factor, clock=clock)
         if not accepted:
