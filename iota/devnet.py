@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import torch
+from safetensors import safe_open
 
 from common.chain import LocalChain
 from common.keys import create_hotkey
@@ -334,6 +336,16 @@ class Devnet:
 
     def snapshot_path(self, name: str) -> Path:
         return self.workdir / "logs" / f"{name}.safetensors"
+
+    def snapshots(self) -> dict[str, tuple[int, dict[str, torch.Tensor]]]:
+        """Stop every miner at once (each writes its weights; stopped one by one, the last ones could be
+        moved to a stage the first ones left) and read each one's stage and weights."""
+        self.stop_miners()
+        out = {}
+        for name in self.miners:
+            with safe_open(self.snapshot_path(name), framework="pt") as f:
+                out[name] = (int(f.metadata()["stage"]), {k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+        return out
 
     def stop_miner(self, name: str, timeout_s: float = 30.0) -> None:
         """SIGTERM, the way an operator stops it: the miner finishes its item and writes its files."""

@@ -220,7 +220,8 @@ class MinerWorker:
             self._maybe_log_status()
         self._write_timings()
         if self.settings.snapshot_file and self.trainer is not None:
-            save_file(self.trainer.weights(), str(self.settings.snapshot_file))
+            stage = {"stage": str(self.trainer.stage)}  # it may have been moved since it registered
+            save_file(self.trainer.weights(), str(self.settings.snapshot_file), metadata=stage)
             log.info("saved this stage's weights to %s", self.settings.snapshot_file)
         self.client.close()
         self._s3.close()

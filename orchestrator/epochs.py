@@ -1,7 +1,8 @@
 """The run's epoch clock: train, drain, merge every stage, repeat.
 
-    training --(enough samples, or epoch_max_s)--> draining --(nothing in flight, or drain_timeout_s)-->
-    merging --(every stage merged or rolled back)--> training (next epoch)
+    training --(enough samples, epoch_max_s after its first sample, or max_samples done)--> draining
+    --(nothing in flight, or drain_timeout_s)--> merging
+    --(every stage merged or rolled back)--> training (next epoch)
 
 While draining, no new sample starts; samples in flight finish, and any still running at the timeout are
 carried over (retried next epoch, not counted against them). While merging, nothing trains: each stage runs
@@ -54,6 +55,9 @@ class EpochState(BaseModel):
     epoch: int = 0
     phase: EpochPhase = "training"
     since: float
+    # Training's clock (`epoch_max_s`) starts when the epoch's first sample is in flight, not when the
+    # phase began: miners still starting up or reloading a checkpoint must not eat the epoch's time.
+    training_began: bool = False
     completed_at_start: int = 0
 
 
@@ -124,6 +128,10 @@ class EpochClock:
     def tick(self) -> None:
         """Move the clock on; called about once a second (and after every merge report)."""
         now, st = self.clock(), self.state
+        began = self.scheduler.in_flight() or self.scheduler.completed > st.completed_at_start
+        if st.phase == "training" and not st.training_began and began:
+            st.training_began = True
+            self._set_phase("training", now)
         if st.phase == "training" and self._epoch_over(now):
             self._set_phase("draining", now)
             self.scheduler.paused = True
@@ -148,9 +156,13 @@ class EpochClock:
         trained = self.scheduler.completed - st.completed_at_start
         if s.merge_every_samples and trained >= s.merge_every_samples:
             return True
+        if trained and (s.merge_every_samples or s.epoch_max_s) and self.scheduler.out_of_samples():
+            return True  # the run's last samples: merge them now rather than after epoch_max_s
         return bool(s.epoch_max_s) and trained > 0 and now - st.since >= s.epoch_max_s
 
     def _set_phase(self, phase: EpochPhase, now: float) -> None:
+        if phase != self.state.phase:
+            self.state.training_began = False
         self.state.phase, self.state.since = phase, now
         self.db.set_meta("epoch", self.state.model_dump())
 

@@ -603,3 +603,8 @@ class Scheduler:
 
     def waiting_retry(self) -> int:
         return sum(s.state == "retry" for s in self.samples.values())
+
+    def out_of_samples(self) -> bool:
+        """`max_samples` were all handed out and none is running or waiting to be retried."""
+        limit = self.settings.max_samples
+        return limit is not None and self.next_sample >= limit and not self.in_flight() + self.waiting_retry()

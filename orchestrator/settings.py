@@ -41,7 +41,9 @@ class OrchestratorSettings(BaseSettings):
         256, ge=0, description="Merge once this many samples have been trained in the epoch (0: no limit)."
     )
     epoch_max_s: float = Field(
-        1800.0, ge=0, description="Merge after this long in training even if fewer samples (0: no limit)."
+        1800.0,
+        ge=0,
+        description="Merge this long after the epoch's first sample even if fewer (0: no limit).",
     )
     drain_timeout_s: float = Field(
         60.0, gt=0, description="Before a merge, how long samples in flight get to finish; then carried over."

@@ -30,13 +30,9 @@ def merged_after_training(status: RunStatus, samples: int, merges: int) -> bool:
 
 def replicas_by_stage(net: Devnet) -> dict[int, list[torch.Tensor]]:
     """Stop every miner (each writes its stage's weights) and group the snapshots by stage."""
-    stage_of = {m.hotkey: m.stage for m in net.status().miners}
-    for name in list(net.miners):
-        if net.miners[name].poll() is None:
-            net.stop_miner(name)
     out: dict[int, list[torch.Tensor]] = {}
-    for name in net.miners:
-        out.setdefault(stage_of[net.hotkeys[name]], []).append(flatten(load_file(net.snapshot_path(name))))
+    for stage, weights in net.snapshots().values():
+        out.setdefault(stage, []).append(flatten(weights))
     return out
 
 
@@ -63,8 +59,9 @@ def test_replicas_merge_to_identical_weights_past_a_lying_reducer_and_the_checkp
     and settled, the replicas still end bitwise identical, and the checkpoint exports to exactly their weights
     and samples text. A merge of honest replicas only, with no flag, is checked by the mid-merge kill test."""
     samples = 20
-    # The last epoch is short of 10 samples: it ends on time, so the run ends right after a merge.
-    options = two_per_stage(tmp_path, samples, merge_every=10, IOTA_ORCH_EPOCH_MAX_S="8")
+    # The last epoch may be short of 10 samples (the first one's drain can finish more than 10): it ends once
+    # the run's 20 samples are done, so the run ends right after a merge.
+    options = two_per_stage(tmp_path, samples, merge_every=10)
     with Devnet(options) as net:
         net.launch(["honest"] * 5 + ["wrong-reduce"], threads=1, timeout_s=90)
         status = net.wait_for(lambda s: merged_after_training(s, samples, 6), timeout_s=180)
@@ -79,7 +76,8 @@ def test_replicas_merge_to_identical_weights_past_a_lying_reducer_and_the_checkp
             assert set(r.participants) | set(r.excluded) == replicas and r.participants.keys().isdisjoint(
                 r.excluded
             )
-        assert all(len(r.participants) == 2 for r in records if r.epoch == 0), records
+        for stage in stage_of.values():
+            assert any(len(r.participants) == 2 for r in records if r.stage == stage), records
         liar = next(hk for hk, b in net.behaviors.items() if b == "wrong-reduce")
         lied = [r for r in records if liar in r.participants]
         assert lied and all(r.settled >= 1 for r in lied)

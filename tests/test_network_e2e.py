@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from common.config import DataSettings
 from common.data import SampleSchedule, batch_tokens, make_corpus
@@ -47,10 +46,7 @@ def test_pipeline_over_the_network_equals_single_process_training(tmp_path: Path
     net = start(options, miners=3)
     try:
         net.wait_for(lambda s: s.samples_completed == k, timeout_s=120, poll_s=0.2)
-        stage_of = {m.hotkey: m.stage for m in net.status().miners}
-        for name in list(net.miners):
-            net.stop_miner(name)
-        snapshots = {stage_of[net.hotkeys[name]]: load_file(net.snapshot_path(name)) for name in net.miners}
+        snapshots = dict(net.snapshots().values())
     finally:
         net.stop()
 

@@ -9,7 +9,9 @@ import pytest
 
 from common.data import SampleId
 from common.protocol import ArtifactRef, CompleteRequest
+from common.storage import ObjectStore
 from orchestrator.db import StateDB
+from orchestrator.epochs import EpochClock, StoreLinks
 from orchestrator.scheduler import Scheduler, SchedulerError
 from orchestrator.settings import OrchestratorSettings
 
@@ -365,3 +367,58 @@ def test_a_queued_forward_wakes_one_parked_miner_that_can_take_it(tmp_path: Path
         s.next_item(s.miners["head"])
         finish(s, "head")  # a second forward wakes the next parked miner, not "first" again
         assert {hk for hk, e in events.items() if e.is_set()} == {"first", "second"}
+
+
+def epoch_clock(s: Scheduler, clock: Clock, store: ObjectStore) -> EpochClock:
+    return EpochClock(
+        s.db, s, s.settings, n_stages=3, stage_numel=[100, 100, 100], seed=0,
+        links=StoreLinks(store, upload_expires_s=60), clock=clock, notify=lambda hk: None,
+        collect=lambda keys: None,
+    )  # fmt: skip
+
+
+def run_one_sample(s: Scheduler, head: str, body: str, tail: str) -> None:
+    """Hand out the next sample and finish it at every stage, forward and back."""
+    for hk in [head, body, tail, body, head]:
+        assert s.next_item(s.miners[hk]) is not None
+        finish(s, hk)
+
+
+def test_the_epoch_time_limit_counts_from_the_epochs_first_sample(tmp_path: Path, store: ObjectStore) -> None:
+    """Miners that take longer than `epoch_max_s` to start (or to reload a checkpoint) do not end the epoch at
+    its first sample: the limit runs from when training began, so every replica gets its share of the epoch.
+    The merges it ends in name any miner of a stage that did not train, with the reason."""
+    clock = Clock()
+    s = make(tmp_path / "state.sqlite", clock, epoch_max_s=10.0, merge_every_samples=0)
+    epochs = epoch_clock(s, clock, store)
+    clock.now += 60  # nobody has trained yet: the epoch's clock has not started
+    head, body, tail = register_pipeline(s, 3)
+    s.register("idle", "cpu", preferred_stage=1)  # a second replica of stage 1 that never gets an item
+    run_one_sample(s, head, body, tail)
+    epochs.tick()
+    assert epochs.state.phase == "training" and epochs.state.training_began
+    clock.now += 9
+    epochs.tick()
+    assert epochs.state.phase == "training"  # 9 s after the first sample, 69 s after the epoch started
+    clock.now += 1
+    epochs.tick()
+    assert epochs.state.phase == "merging"  # drained at once: nothing was in flight
+    left_out = epochs.merges[1].state.excluded
+    assert left_out == {"idle": "no optimizer steps this epoch"}
+    assert sorted(epochs.merges[1].state.accepted) == [body]
+
+
+def test_a_run_that_reaches_max_samples_merges_its_last_epoch_at_once(
+    tmp_path: Path, store: ObjectStore
+) -> None:
+    clock = Clock()
+    s = make(tmp_path / "state.sqlite", clock, epoch_max_s=0.0, merge_every_samples=100, max_samples=2)
+    epochs = epoch_clock(s, clock, store)
+    head, body, tail = register_pipeline(s, 3)
+    run_one_sample(s, head, body, tail)
+    epochs.tick()
+    assert epochs.state.phase == "training"  # one more sample to go
+    run_one_sample(s, head, body, tail)
+    assert s.next_item(s.miners[head]) is None
+    epochs.tick()
+    assert epochs.state.phase == "merging"
