@@ -20,7 +20,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def merged_after_training(status: RunStatus, samples: int, merges: int) -> bool:
-    """Every sample trained, `merges` stage merges done, and training resumed (no merge running)."""
+    """Every sample trained, `merges` stage merges done, and training resumed (no merge running). With
+    `3 * status.epoch` merges, every epoch before the current one has merged all three stages."""
     return (
         status.samples_completed >= samples
         and status.merges_completed >= merges
@@ -52,35 +53,54 @@ def two_per_stage(tmp_path: Path, samples: int, *, merge_every: int, **env: str)
     )  # fmt: skip
 
 
-def test_replicas_merge_to_identical_weights_past_a_lying_reducer_and_the_checkpoint_exports(
-    tmp_path: Path,
-) -> None:
-    """One network run (two replicas per stage, one of them a reducer that lies) checks that the lie is caught
-    and settled, the replicas still end bitwise identical, and the checkpoint exports to exactly their weights
-    and samples text. A merge of honest replicas only, with no flag, is checked by the mid-merge kill test."""
-    samples = 20
-    # The last epoch may be short of 10 samples (the first one's drain can finish more than 10): it ends once
-    # the run's 20 samples are done, so the run ends right after a merge.
-    options = two_per_stage(tmp_path, samples, merge_every=10)
+def test_replicas_merge_to_identical_weights_past_a_lying_reducer_and_a_killed_miner(tmp_path: Path) -> None:
+    """One network run, two replicas per stage, one of them a reducer that lies:
+
+    - the lie is caught and settled in every merge the liar takes part in, and nobody else is flagged;
+    - a miner of another stage, SIGKILLed as the first epoch stops training, is left out of that merge (its
+      partner merges alone), then restarts, loads the stage's checkpoint and takes part in a later merge;
+    - at the end every stage's replicas are bitwise identical, and the checkpoint exports to exactly their
+      weights and samples text.
+    """
+    # Epochs of 12 (more where a drain finishes extra), enough of them for the restarted miner to train in
+    # one; the last epoch merges as soon as all the samples are done.
+    samples = 48
+    options = two_per_stage(
+        tmp_path, samples, merge_every=12, IOTA_ORCH_MERGE_PHASE_TIMEOUT_S="4", IOTA_ORCH_MINER_TIMEOUT_S="6"
+    )
     with Devnet(options) as net:
         net.launch(["honest"] * 5 + ["wrong-reduce"], threads=1, timeout_s=90)
-        status = net.wait_for(lambda s: merged_after_training(s, samples, 6), timeout_s=180)
+        stage_of = {m.hotkey: m.stage for m in net.status().miners}
+        liar = next(hk for hk, b in net.behaviors.items() if b == "wrong-reduce")
+        victim = next(n for n, hk in net.hotkeys.items() if stage_of[hk] != stage_of[liar])
+        victim_key, victim_stage = net.hotkeys[victim], stage_of[net.hotkeys[victim]]
+        partner = next(hk for hk, st in stage_of.items() if st == victim_stage and hk != victim_key)
+        # Kill it as soon as the first epoch stops training: it dies before or inside its stage's merge.
+        net.wait_for(lambda s: s.epoch_phase != "training", timeout_s=120, poll_s=0.05)
+        net.kill_miner(victim)
+        net.restart_miner(victim)  # it takes seconds to start: the merge is over before it registers
+        net.wait_for(lambda s: s.merges_completed + s.merges_rolled_back >= 3, timeout_s=60)
+        first = {r.stage: r for r in net.merges() if r.epoch == 0}
+        assert all(r.outcome == "merged" for r in first.values()), first
+        assert first[victim_stage].in_sync == [partner]  # the merge completed without the dead miner
+
+        status = net.wait_for(lambda s: merged_after_training(s, samples, 3 * max(2, s.epoch)), timeout_s=240)
         records = net.merges()
-        assert status.merges_rolled_back == 0 and len(records) >= 6
-        stage_of = {m.hotkey: m.stage for m in status.miners}
+        assert status.merges_rolled_back == 0, records
         for r in records:
-            # Both replicas take part, or the record says why one did not: an epoch cut short by time can
-            # leave a replica without a step, and a merge of one is still a merge.
+            # Only the stage's replicas take part; one may be left out (dead, or it trained nothing in an
+            # epoch cut short), and a merge of one is still a merge.
             replicas = {hk for hk, st in stage_of.items() if st == r.stage}
             assert r.outcome == "merged" and r.participants, r
-            assert set(r.participants) | set(r.excluded) == replicas and r.participants.keys().isdisjoint(
-                r.excluded
-            )
-        for stage in stage_of.values():
-            assert any(len(r.participants) == 2 for r in records if r.stage == stage), records
-        liar = next(hk for hk, b in net.behaviors.items() if b == "wrong-reduce")
+            assert set(r.participants) | set(r.excluded) <= replicas, r
+            assert r.participants.keys().isdisjoint(r.excluded), r
+        # The restarted miner loaded the checkpoint and merged again with its partner.
+        assert "loaded the checkpoint of stage" in (net.workdir / "logs" / f"{victim}.log").read_text()
+        assert any(
+            r.stage == victim_stage and sorted(r.in_sync) == sorted([victim_key, partner]) for r in records
+        ), records
         lied = [r for r in records if liar in r.participants]
-        assert lied and all(r.settled >= 1 for r in lied)
+        assert lied and all(r.settled >= 1 for r in lied), lied
         assert all({f.hotkey for f in r.flagged} == {liar} for r in lied)  # flagged, and nobody else
         assert not any(r.flagged for r in records if liar not in r.participants)
 
@@ -99,44 +119,3 @@ def test_replicas_merge_to_identical_weights_past_a_lying_reducer_and_the_checkp
         done = iota(net, "sample", "--checkpoint", str(export), "--prompt", "def ", "--max-new-tokens", "40")
         assert done.returncode == 0, done.stdout + done.stderr
         assert len(done.stdout.strip()) > 0
-
-
-def test_a_miner_killed_during_a_merge_is_left_out_and_rejoins_from_the_checkpoint(tmp_path: Path) -> None:
-    options = DevnetOptions(
-        miners_per_stage=2,
-        batch_size=4,
-        seq_len=64,
-        workdir=tmp_path,
-        merge_every=12,
-        extra_env={
-            "IOTA_ORCH_MAX_SAMPLES": "400",  # a bound; the test ends long before
-            "IOTA_ORCH_MERGE_PHASE_TIMEOUT_S": "4",
-            "IOTA_ORCH_MINER_TIMEOUT_S": "6",
-        },
-    )
-    with Devnet(options) as net:
-        net.launch(["honest"] * 6, threads=1, timeout_s=90)
-        stage_of = {m.hotkey: m.stage for m in net.status().miners}
-        victim = next(name for name, hk in net.hotkeys.items() if stage_of[hk] == 1)
-        victim_key = net.hotkeys[victim]
-        partner = next(hk for hk, st in stage_of.items() if st == 1 and hk != victim_key)
-        # Kill it as soon as the first epoch stops training: it dies before or inside stage 1's merge.
-        net.wait_for(lambda s: s.epoch_phase != "training", timeout_s=120, poll_s=0.05)
-        net.kill_miner(victim)
-        net.wait_for(lambda s: s.merges_completed + s.merges_rolled_back >= 3, timeout_s=60)
-        first = {r.stage: r for r in net.merges() if r.epoch == 0}
-        assert all(r.outcome == "merged" for r in first.values())
-        assert first[1].in_sync == [partner]  # the merge completed without the dead miner
-
-        net.restart_miner(victim)
-        # It registers again, loads the stage's checkpoint, trains, and takes part in a later merge, after
-        # which both replicas report the same weights (the checkpoint's digest).
-        net.wait_for(
-            lambda s: any(
-                r.stage == 1 and sorted(r.in_sync) == sorted([victim_key, partner]) for r in net.merges()
-            ),
-            timeout_s=200,
-        )
-        assert "loaded the checkpoint of stage 1" in (net.workdir / "logs" / f"{victim}.log").read_text()
-        assert net.status().merges_rolled_back == 0
-        assert not any(r.flagged for r in net.merges())
