@@ -75,7 +75,7 @@ def _train(trainers: list[StageTrainer], schedule: SampleSchedule, steps: int) -
     for i in range(steps):
         tokens = batch_tokens(corpus, schedule.batch(i, BATCH), SEQ)
         h0 = trainers[0].forward(f"{i}.0", tokens)
-        h1 = trainers[1].forward(f"{i}.1", h0)
+        h1 = trainers[1].forward(f"{i}.1", h0, tokens)
         loss, grad = trainers[2].tail_step(h1, tokens)
         trainers[2].commit()
         g1 = trainers[1].backward(f"{i}.1", grad)

@@ -99,7 +99,7 @@ def forward_over_wire(
     """The logits, with every boundary tensor (and, in backward, its gradient) sent through `wire`."""
     x: torch.Tensor = tokens
     for i, stage in enumerate(model.stages):
-        x = stage(x)
+        x = stage(x, tokens)
         if i < len(model.stages) - 1:
             x = WireHop.apply(x, wire, meter)
     return x
@@ -147,12 +147,14 @@ class Variant:
     encoder_init: str = "zero"
     passthrough: bool = True
     z_norm: bool = False
+    stage_tokens: bool = True  # the model's design: later stages embed the token ids again
 
     def describe(self) -> str:
         parts = [f"decoder lr x{self.decoder_lr_mult:g}"] if self.decoder_lr_mult != 1 else []
         parts += [] if self.encoder_init == "zero" else [f"encoder init {self.encoder_init}"]
         parts += [] if self.passthrough else ["pure projection"]
         parts += ["RMSNorm on z"] if self.z_norm else []
+        parts += [] if self.stage_tokens else ["no token embedding after the head"]
         return ", ".join(parts) or "default"
 
 
@@ -206,7 +208,7 @@ def run_setting(
     key: str, preset: str, data: Data, steps: int, eval_batches: int, variant: Variant, seed: int
 ) -> dict[str, Any]:
     ratio, int8 = parse_setting(key)
-    cfg = get_preset(preset, bottleneck_ratio=ratio)
+    cfg = get_preset(preset, bottleneck_ratio=ratio, **({} if variant.stage_tokens else {"token_dim": 0}))
     torch.manual_seed(seed)
     model = IotaModel(cfg, seed=seed)
     apply_variant(model, variant, seed)
@@ -250,7 +252,13 @@ def run_setting(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
-    variant = Variant(args.decoder_lr_mult, args.encoder_init, not args.no_passthrough, args.z_norm)
+    variant = Variant(
+        args.decoder_lr_mult,
+        args.encoder_init,
+        not args.no_passthrough,
+        args.z_norm,
+        not args.no_stage_tokens,
+    )
     steps = max(1, args.tokens // (args.batch_size * args.seq_len))
     keys = args.settings.split(",")
     for key in keys:
@@ -336,6 +344,9 @@ def main() -> None:
     variants.add_argument("--encoder-init", choices=("zero", "normal"), default="zero")
     variants.add_argument("--no-passthrough", action="store_true", help="pure projections, no pass-through")
     variants.add_argument("--z-norm", action="store_true", help="RMSNorm on z in the decoder")
+    variants.add_argument(
+        "--no-stage-tokens", action="store_true", help="the earlier design: only the head embeds the tokens"
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()

@@ -76,11 +76,11 @@ def inner_step(trainer: StageTrainer, gen: torch.Generator, batch: int, seq: int
         trainer.tail_step(x, torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen))
         trainer.commit()
         return
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen)
     if trainer.module.is_head:
-        x = torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen)
+        out = trainer.forward("bench", tokens)
     else:
-        x = torch.randn(batch, seq, cfg.bottleneck_dim, generator=gen)
-    out = trainer.forward("bench", x)
+        out = trainer.forward("bench", torch.randn(batch, seq, cfg.bottleneck_dim, generator=gen), tokens)
     trainer.backward("bench", torch.randn(out.shape, generator=gen))
     trainer.commit()
 

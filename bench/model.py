@@ -14,7 +14,8 @@ ratios (each round's two steps ran back to back): steadier figures on a shared m
     python bench/model.py --preset 1.5b --device cuda --dtype bf16 [--compile]   # bf16 autocast on CUDA
 
 The two parameter counts differ by the bottleneck layers alone: per stage boundary, the encoder's RMSNorm
-(d) and projection (d x b) and the decoder's projection (b x d). 1.5b holds both models with fp32 weights
+(d) and projection (d x b), the decoder's projection (b x d), and the next stage's own token embedding
+(vocab x token_dim, projected up to d when narrower). 1.5b holds both models with fp32 weights
 and AdamW state at once (about 50 GB before activations), so it needs a large GPU.
 """
 
@@ -77,11 +78,13 @@ def build_hf(cfg: ModelConfig, device: torch.device) -> nn.Module:
 
 
 def bottleneck_parameters(cfg: ModelConfig) -> int:
-    """What our model holds beyond a plain Llama: per boundary an encoder norm + projection, a decoder."""
+    """What our model holds beyond a plain Llama: per boundary an encoder norm + projection, a decoder and
+    the next stage's token embedding."""
     if cfg.bottleneck_ratio == 1:  # no bottleneck: the stages hand on the residual stream as it is
         return 0
-    d, b = cfg.d_model, cfg.bottleneck_dim
-    return (cfg.n_stages - 1) * (d + d * b + b * d)
+    d, b, e = cfg.d_model, cfg.bottleneck_dim, cfg.token_dim
+    tokens = cfg.vocab_size * e + (e * d if e < d else 0) if cfg.stage_tokens else 0
+    return (cfg.n_stages - 1) * (d + d * b + b * d + tokens)
 
 
 def count(model: nn.Module) -> int:

@@ -250,14 +250,15 @@ def simulate_epoch(
         item_id = f"{smp.index}.{s}.{'b' if kind == 'backward' else 'f'}"
         if kind == "forward":
             x = smp.tokens if s == 0 else download(smp.carry)  # type: ignore[arg-type]
-            out = upload(run(s, lambda: trainer.forward(item_id, x)))
+            tokens = smp.tokens if s > 0 and trainer.module.needs_tokens else None
+            out = upload(run(s, lambda: trainer.forward(item_id, x, tokens)))
             smp.ids[s] = item_id
             if s == stage:
                 ops.append(
                     ReplayOp(
                         item_id=item_id,
                         kind="forward",
-                        samples=smp.samples if s == 0 else None,
+                        samples=smp.samples,
                         input=None if s == 0 else smp.carry,
                         output=out,
                     )

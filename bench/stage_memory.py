@@ -44,7 +44,7 @@ def measure_stage(
         for _ in range(in_flight):
             x = tokens if module.is_head else boundary.clone().requires_grad_(True)
             with autocast:
-                out = module(x)
+                out = module(x, tokens)
             pending.append(out)
         for out in pending:
             if module.is_tail:

@@ -174,9 +174,10 @@ class WorkItem(_Message):
     """One hop of one sample at one stage.
 
     - forward at the head: `samples` names the token sequences; output is the activation.
-    - forward elsewhere: `input` is the previous stage's activation; output is the activation, except at the
-      tail, which also rebuilds the tokens from `samples`, computes the loss, runs backward at once, and
-      uploads the gradient with respect to its input.
+    - forward elsewhere: `input` is the previous stage's activation and `samples` the token sequences, which
+      the stage embeds again (`ModelConfig.token_dim`); output is the activation, except at the tail, which
+      also computes the loss against the tokens, runs backward at once, and uploads the gradient with
+      respect to its input.
     - backward: `input` is the gradient from the next stage; it goes to the miner that ran the forward of
       `forward_item`; output is the gradient with respect to its input (none at the head).
     """
@@ -421,7 +422,7 @@ class ValidatorRegisterResponse(_Message):
 class ReplayOp(_Message):
     """One accepted item of the shadowed miner, in the order the miner completed them.
 
-    - forward: `input` is the activation it received (None at the head: `samples` names the tokens);
+    - forward: `input` is the activation it received (None at the head), `samples` names the tokens;
       `output` is what it uploaded. `backward_follows` says whether its backward comes later in the list
       (otherwise the miner dropped its saved state when the attempt was cancelled).
     - tail: the last stage's forward+loss+backward: `input` activation, `samples` tokens, `loss` reported,

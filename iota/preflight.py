@@ -303,6 +303,8 @@ def count_stage_parameters(cfg: ModelConfig) -> list[StageSize]:
     for stage, blocks in enumerate(cfg.stage_blocks):
         head, tail = stage == 0, stage == cfg.n_stages - 1
         entry = v * d if head else b * d  # the embedding, or the bottleneck decoder
+        if not head and cfg.stage_tokens:  # the stage's own token embedding, projected up when narrower
+            entry += v * cfg.token_dim + (cfg.token_dim * d if cfg.token_dim < d else 0)
         exit_ = d + d * v if tail else d + d * b  # final norm and LM head, or the bottleneck encoder
         role = "head" if head else "tail" if tail else "body"
         sizes.append(

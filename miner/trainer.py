@@ -85,8 +85,9 @@ class StageTrainer:
     # -----------------------------------------------------------------------------------------------------
     # Training
 
-    def forward(self, item_id: str, x: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) at the head, activations (B, T, b) elsewhere -> (B, T, b), fp32 on the CPU."""
+    def forward(self, item_id: str, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) at the head, activations (B, T, b) elsewhere -> (B, T, b), fp32 on the CPU.
+        A stage after the head that `needs_tokens` also takes the sample's token ids (B, T)."""
         if self.module.is_tail:
             raise TrainerError("the tail has no separate forward; use tail_step")
         if item_id in self._saved:
@@ -96,16 +97,19 @@ class StageTrainer:
                 f"{len(self._saved)} forwards already await their backward (max_outstanding "
                 f"{self.training.max_outstanding}); drop or finish one first"
             )
+        args: tuple[torch.Tensor, ...]
         if self.module.is_head:
             inp, x_grad = self._tokens(x, "head input"), None
+            args = (inp,)
         else:
             inp = x_grad = self._activation(x, "input").requires_grad_(True)
+            args = (inp, self._stage_tokens(tokens, inp)) if self.module.needs_tokens else (inp,)
         if self._stash is None:
             self._stash = {
                 name: p.detach().clone().requires_grad_(True) for name, p in self.module.named_parameters()
             }
         with self._autocast():
-            out = functional_call(self.module, self._stash, (inp,))
+            out = functional_call(self.module, self._stash, args)
         self._saved[item_id] = _Saved(weights=self._stash, x=x_grad, out=out)
         return self.policy.forward_output(item_id, x, _to_cpu(out))
 
@@ -138,14 +142,12 @@ class StageTrainer:
         if not self.module.is_tail:
             raise TrainerError("tail_step is for the last stage only")
         x = self._activation(x, "input").requires_grad_(self.policy.takes_step)
-        tokens = self._tokens(tokens, "tokens")
-        if tokens.shape != x.shape[:2] or tokens.shape[1] < 2:
-            raise TrainerError(
-                f"tokens {tuple(tokens.shape)} must be (batch, seq) of the input {tuple(x.shape)}, seq >= 2"
-            )
+        tokens = self._stage_tokens(tokens, x)
+        if tokens.shape[1] < 2:
+            raise TrainerError(f"tokens {tuple(tokens.shape)} must have seq >= 2")
         # The tail needs no stash: nothing else touches its weights between its forward and its backward.
         with self._autocast(), torch.set_grad_enabled(self.policy.takes_step):
-            logits = self.module(x)
+            logits = self.module(x, tokens)
         loss = next_token_loss(logits, tokens)
         value = loss.item()
         if not math.isfinite(value):
@@ -262,6 +264,17 @@ class StageTrainer:
             raise TrainerError(
                 f"{what} has batch {batch} and seq {seq}; need batch >= 1, 1 <= seq <= {self.cfg.max_seq_len}"
             )
+
+    def _stage_tokens(self, tokens: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """The sample's token ids for a stage after the head, checked against its input activation."""
+        if tokens is None:
+            raise TrainerError(f"stage {self.stage} needs the sample's token ids with its input")
+        tokens = self._tokens(tokens, "tokens")
+        if tokens.shape != x.shape[:2]:
+            raise TrainerError(
+                f"tokens {tuple(tokens.shape)} must be (batch, seq) of the input {tuple(x.shape)}"
+            )
+        return tokens
 
     def _tokens(self, tokens: torch.Tensor, what: str) -> torch.Tensor:
         integer = not (tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool)

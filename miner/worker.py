@@ -389,7 +389,8 @@ class MinerWorker:
             if item.kind == "forward" and item.stage == last:
                 loss, out = trainer.tail_step(x, self._tokens(item))
             elif item.kind == "forward":
-                out = self._forward_evicting(item.item_id, x)
+                tokens = self._tokens(item) if trainer.module.needs_tokens and item.stage > 0 else None
+                out = self._forward_evicting(item.item_id, x, tokens)
             else:
                 out = trainer.backward(item.forward_item or "", x)
         self.metrics.item_seconds.labels(self._kind(item)).observe(time.perf_counter() - started)
@@ -399,13 +400,13 @@ class MinerWorker:
         """forward, backward, or tail (the last stage's combined forward and backward)."""
         return "tail" if item.kind == "forward" and item.stage == self._cfg().n_stages - 1 else item.kind
 
-    def _forward_evicting(self, item_id: str, x: torch.Tensor) -> torch.Tensor:
+    def _forward_evicting(self, item_id: str, x: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
         trainer = self._trainer()
         if trainer.outstanding >= self._session().training.max_outstanding:
             # The orchestrator bounds this too; if a cancellation was lost (say, across its restart), the
             # oldest saved forward is the one whose backward will never come.
             trainer.drop_oldest()
-        return trainer.forward(item_id, x)
+        return trainer.forward(item_id, x, tokens)
 
     def _tokens(self, item: WorkItem) -> torch.Tensor:
         data = self._session().data

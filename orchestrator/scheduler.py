@@ -296,10 +296,9 @@ class Scheduler:
         return f"runs/{self.run_id}/{hotkey}/"
 
     def samples_of(self, it: Item) -> list[SampleId] | None:
-        """Token sequences the item needs: the head to embed them, the tail to score against them."""
-        if it.kind == "forward" and it.stage in (0, self.n_stages - 1):
-            return self.sample_ids(it.sample)
-        return None
+        """Token sequences a forward needs: the head embeds them, the stages after it embed them again
+        (`ModelConfig.token_dim`), and the tail also scores against them."""
+        return self.sample_ids(it.sample) if it.kind == "forward" else None
 
     def take_cancelled(self, miner: Miner) -> list[str]:
         cancelled, miner.cancelled = miner.cancelled, []

@@ -190,11 +190,10 @@ class ValidationBook:
                 input=source(it.input),
                 output=source(it.output),
             )
-        samples = self.sample_ids(it.sample) if it.stage in (0, last) else None
         return ReplayOp(
             item_id=it.item_id,
             kind="tail" if it.stage == last else "forward",
-            samples=samples,
+            samples=self.sample_ids(it.sample),
             input=source(it.input),
             output=source(it.output),
             loss=it.loss if it.stage == last else None,

@@ -450,9 +450,7 @@ def test_cache_is_thread_safe() -> None:
     assert len(cache) == len(keys)
 
 
-def test_admit_hook_refuses_unregistered_hotkeys_before_the_replay_cache(
-    keys: Keys, tmp_path: Any
-) -> None:
+def test_admit_hook_refuses_unregistered_hotkeys_before_the_replay_cache(keys: Keys, tmp_path: Any) -> None:
     from common.chain import LocalChain
 
     chain = LocalChain(tmp_path / "chain.json", netuid=9, block_time_s=12.0)

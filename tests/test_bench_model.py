@@ -33,11 +33,13 @@ def test_model_bench_quick_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert ours["tied"] is False and hf["tied"] is False
 
     # The only parameters HF's Llama lacks: per stage boundary, the encoder's RMSNorm weight (d) and
-    # projection (d x b), and the decoder's projection (b x d).
+    # projection (d x b), the decoder's projection (b x d), and the next stage's token embedding (tiny's
+    # token_dim is d, so no projection).
     d, b = cfg.d_model, cfg.bottleneck_dim
-    expected = (cfg.n_stages - 1) * (d + 2 * d * b)
+    assert cfg.token_dim == d
+    expected = (cfg.n_stages - 1) * (d + 2 * d * b + cfg.vocab_size * d)
     assert result["ours_params"] - result["hf_params"] == expected == result["bottleneck_params"]
-    assert result["ours_params"] == 4_595_456  # docs/model.md's tiny count
+    assert result["ours_params"] == 4_759_296  # docs/model.md's tiny count
 
     assert result["threads"] == 1 and result["device"] == "cpu" and result["dtype"] == "fp32"
     assert result["ours_step_s"] > 0 and result["hf_step_s"] > 0

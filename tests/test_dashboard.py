@@ -119,6 +119,7 @@ def report(net: Net, *, epoch: int = 0, scores: dict[str, float], weights: dict[
 def test_dashboard_shows_the_run_its_miners_losses_and_throughput(net: Net) -> None:
     losses = [5.0, 4.0, 3.5, 3.0]
     train(net, losses)
+
     # Snapshots are taken on a clock; on a slow machine some are taken before training ends, so wait for one
     # taken after it.
     def caught_up() -> bool:

@@ -54,7 +54,8 @@ def train(p: MergeParticipant, steps: int, *, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     for k in range(steps):
         x = torch.randn(2, 16, CFG.bottleneck_dim, generator=g)
-        out = p.trainer.forward(f"i{seed}.{k}", x)
+        tokens = torch.randint(0, CFG.vocab_size, x.shape[:2], generator=g)
+        out = p.trainer.forward(f"i{seed}.{k}", x, tokens)
         p.trainer.backward(f"i{seed}.{k}", torch.randn(out.shape, generator=g) * 0.1)
         p.trainer.commit()
 

@@ -61,7 +61,7 @@ def test_pipeline_forward_and_backward_match_the_whole_model(cfg: ModelConfig) -
     inputs: list[torch.Tensor] = [tokens]
     outputs: list[torch.Tensor] = []
     for stage in stages:
-        out = stage(inputs[-1])
+        out = stage(inputs[-1], tokens)
         outputs.append(out)
         if not stage.is_tail:
             assert out.shape == boundary_shape(cfg, *tokens.shape)
@@ -111,7 +111,7 @@ def test_training_through_the_pipeline_lowers_the_loss() -> None:
         x: torch.Tensor = tokens
         crossings, outs = [], []
         for stage in stages:
-            out = stage(x)
+            out = stage(x, tokens)
             outs.append(out)
             if not stage.is_tail:
                 x = out.detach().requires_grad_(True)

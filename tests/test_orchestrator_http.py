@@ -538,7 +538,7 @@ def test_one_sample_through_the_pipeline_over_http(net: Net) -> None:
     assert complete(0, f0, act0) is False
 
     f1 = next_item(1)
-    assert (f1.kind, f1.stage, f1.sample, f1.samples) == ("forward", 1, 0, None)
+    assert (f1.kind, f1.stage, f1.sample, f1.samples) == ("forward", 1, 0, orch.sample_ids(0))  # re-embedded
     fetch(f1, act0)
     assert f1.output is not None and f1.output.key.startswith(net.prefix(hk[1]))
     act1 = upload(f1.output, boundary_payload(orch, 1))

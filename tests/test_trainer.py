@@ -44,7 +44,7 @@ def _pipeline(spec: TrainingSpec = SPEC) -> list[StageTrainer]:
 def _train_step(trainers: list[StageTrainer], tokens: torch.Tensor, item_id: str) -> float:
     head, body, tail = trainers
     z1 = head.forward(item_id, tokens)
-    z2 = body.forward(item_id, z1)
+    z2 = body.forward(item_id, z1, tokens)
     loss, g2 = tail.tail_step(z2, tokens)
     g1 = body.backward(item_id, g2)
     assert g1 is not None and g1.shape == z1.shape
@@ -111,37 +111,37 @@ def test_weight_stashing_gives_each_backward_the_weights_of_its_forward() -> Non
     xa, xb, ga, gb = (_boundary(seed) for seed in range(4))
     # What "b" would give with the weights after the step of "a": the pipelined trainer must not match it.
     late = StageTrainer(CFG, 1, SPEC, seed=SEED)
-    late.forward("a", xa)
+    late.forward("a", xa, _tokens(0))
     late.backward("a", ga)
     late.commit()
-    late_out = late.forward("b", xb)
+    late_out = late.forward("b", xb, _tokens(1))
     late_grad = late.backward("b", gb)
     late.commit()
 
     body = StageTrainer(CFG, 1, SPEC, seed=SEED)
-    out_b = body.forward("b", xb)
-    body.forward("a", xa)
+    out_b = body.forward("b", xb, _tokens(1))
+    body.forward("a", xa, _tokens(0))
     body.backward("a", ga)
     body.commit()  # steps the optimizer while "b" still holds its graph
     assert body.steps == 1 and body.outstanding == 1
     # A forward after the step runs with the new weights, while "b" keeps the old ones.
-    assert torch.equal(body.forward("c", xb), late_out)
+    assert torch.equal(body.forward("c", xb, _tokens(1)), late_out)
     grad_b = body.backward("b", gb)
     assert body.commit()
     assert grad_b is not None and body.steps == 2
     assert not torch.allclose(grad_b, late_grad, rtol=0, atol=1e-6)
 
     fresh = StageTrainer(CFG, 1, SPEC, seed=SEED)
-    assert torch.equal(fresh.forward("b", xb), out_b)
+    assert torch.equal(fresh.forward("b", xb, _tokens(1)), out_b)
     torch.testing.assert_close(fresh.backward("b", gb), grad_b, rtol=0, atol=0)
     body.drop("c")
 
     # Parameter gradients: both steps must use gradients taken at the initial weights.
     module = build_stage(CFG, 1, SEED)
     stale = []
-    for x, g in ((xa, ga), (xb, gb)):
+    for x, tokens, g in ((xa, _tokens(0), ga), (xb, _tokens(1), gb)):
         module.zero_grad()
-        module(x).backward(g)
+        module(x, tokens).backward(g)
         stale.append([p.grad.clone() for p in module.parameters()])
     opt = _adamw(module.parameters())
     for grads in stale:
@@ -201,17 +201,17 @@ def test_malformed_inputs_are_refused() -> None:
     }
     for match, x in bad_activations.items():
         with pytest.raises(TrainerError, match=match):
-            body.forward("x", x)
+            body.forward("x", x, _tokens(0))
         with pytest.raises(TrainerError, match=match):
             tail.tail_step(x, _tokens(0))
     with pytest.raises(TrainerError, match="tokens"):
         tail.tail_step(_boundary(0), _tokens(0)[:, :-1])
     with pytest.raises(TrainerError, match="tail_step"):
-        tail.forward("x", _boundary(0))
+        tail.forward("x", _boundary(0), _tokens(0))
     with pytest.raises(TrainerError, match="last stage"):
         body.tail_step(_boundary(0), _tokens(0))
 
-    body.forward("x", _boundary(0))
+    body.forward("x", _boundary(0), _tokens(0))
     with pytest.raises(TrainerError, match="shape"):
         body.backward("x", _boundary(0)[:, :-1])
     with pytest.raises(TrainerError, match="NaN"):
@@ -224,15 +224,17 @@ def test_malformed_inputs_are_refused() -> None:
 
 def test_load_weights_round_trips_and_resets_the_optimizer() -> None:
     trained, fresh = (StageTrainer(CFG, 1, SPEC, seed=SEED) for _ in range(2))
-    trained.forward("a", _boundary(0))
+    trained.forward("a", _boundary(0), _tokens(0))
     trained.backward("a", _boundary(1))
-    trained.forward("b", _boundary(2))
+    trained.forward("b", _boundary(2), _tokens(2))
     weights = trained.weights()
     assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in weights.values())
 
     fresh.load_weights(weights)
     assert all(torch.equal(t, weights[name]) for name, t in fresh.weights().items())
-    assert torch.equal(fresh.forward("c", _boundary(3)), trained.forward("c", _boundary(3)))
+    assert torch.equal(
+        fresh.forward("c", _boundary(3), _tokens(3)), trained.forward("c", _boundary(3), _tokens(3))
+    )
 
     trained.load_weights(weights)
     assert trained.outstanding == 0 and trained.steps == 0 and not trained.optimizer.state
@@ -267,14 +269,14 @@ def test_random_output_is_seeded_noise_with_the_honest_statistics() -> None:
 
     # Its backward is honest.
     liar, truthful = _trainer(1, "random-output"), _trainer(1)
-    liar.forward("a", _boundary(0))
-    truthful.forward("a", _boundary(0))
+    liar.forward("a", _boundary(0), _tokens(0))
+    truthful.forward("a", _boundary(0), _tokens(0))
     assert torch.equal(liar.backward("a", _boundary(1)), truthful.backward("a", _boundary(1)))
 
 
 def test_scaled_output_multiplies_the_honest_output() -> None:
-    honest = _trainer(1).forward("a", _boundary(0))
-    scaled = _trainer(1, "scaled-output").forward("a", _boundary(0))
+    honest = _trainer(1).forward("a", _boundary(0), _tokens(0))
+    scaled = _trainer(1, "scaled-output").forward("a", _boundary(0), _tokens(0))
     assert torch.equal(scaled, honest * SCALE) and SCALE != 1.0
 
 
@@ -283,7 +285,8 @@ def test_zero_grad_sends_zeros_and_takes_no_step() -> None:
         lazy, honest = _trainer(stage, "zero-grad"), _trainer(stage)
         before = lazy.weights()
         x = _tokens(0) if stage == 0 else _boundary(0)
-        assert torch.equal(lazy.forward("a", x), honest.forward("a", x))
+        tokens = None if stage == 0 else _tokens(0)
+        assert torch.equal(lazy.forward("a", x, tokens), honest.forward("a", x, tokens))
         grad = lazy.backward("a", _boundary(1))
         if stage == 0:
             assert grad is None
@@ -304,7 +307,7 @@ def test_zero_grad_sends_zeros_and_takes_no_step() -> None:
 def test_copy_input_passes_its_input_through() -> None:
     x = _boundary(0)
     body = _trainer(1, "copy-input")
-    assert torch.equal(body.forward("a", x), x)
+    assert torch.equal(body.forward("a", x, _tokens(0)), x)
     assert body.backward("a", _boundary(1)) is not None and body.commit() and body.steps == 1
 
     head = _trainer(0, "copy-input").forward("a", _tokens(0))
@@ -325,10 +328,10 @@ def test_wrong_loss_halves_the_reported_loss_and_trains_honestly() -> None:
 def test_a_step_waits_for_commit_and_discard_leaves_the_weights() -> None:
     body = _trainer(1)
     before = body.weights()
-    body.forward("a", _boundary(0))
+    body.forward("a", _boundary(0), _tokens(0))
     body.backward("a", _boundary(1))
     assert body.pending and body.steps == 0
-    body.forward("b", _boundary(2))
+    body.forward("b", _boundary(2), _tokens(2))
     with pytest.raises(TrainerError, match="neither committed nor discarded"):
         body.backward("b", _boundary(3))
     body.discard()

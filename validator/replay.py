@@ -257,8 +257,11 @@ class _Replay:
     def _forward(self, index: int, op: ReplayOp, where: str) -> None:
         if self.is_tail:
             raise ReplayError(f"{where}: the last stage has tail ops, not forwards")
-        x = self._tokens(op, where) if self.is_head else self._input(op, where)
-        out = self.trainer.forward(op.item_id, x)
+        if self.is_head:
+            out = self.trainer.forward(op.item_id, self._tokens(op, where))
+        else:
+            tokens = self._tokens(op, where) if self.trainer.module.needs_tokens else None
+            out = self.trainer.forward(op.item_id, self._input(op, where), tokens)
         if not op.backward_follows:
             self.trainer.drop(op.item_id)
         claimed = self._claimed(op.output, index, "forward", where)

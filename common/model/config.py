@@ -28,6 +28,10 @@ class ModelConfig:
     stage_blocks: tuple[int, ...]
     max_seq_len: int
     bottleneck_ratio: int = 128
+    # Width of the token embedding that every stage after the head adds to its decoded input (0: none).
+    # The token ids cost nothing on the wire (each miner loads them by sample id, as the tail does for its
+    # labels), so the bottleneck only has to carry context; a width below d_model is projected up.
+    token_dim: int = 0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -43,10 +47,10 @@ class ModelConfig:
             raise ValueError("a pipeline needs at least two stages (a head and a tail)")
         if any(n < 0 for n in self.stage_blocks):
             raise ValueError(f"stage_blocks must be non-negative, got {self.stage_blocks}")
+        if not 0 <= self.token_dim <= self.d_model:
+            raise ValueError(f"token_dim {self.token_dim} must be between 0 and d_model {self.d_model}")
         if self.bottleneck_ratio < 1 or self.d_model % self.bottleneck_ratio:
-            raise ValueError(
-                f"bottleneck_ratio {self.bottleneck_ratio} must divide d_model {self.d_model}"
-            )
+            raise ValueError(f"bottleneck_ratio {self.bottleneck_ratio} must divide d_model {self.d_model}")
 
     @property
     def head_dim(self) -> int:
@@ -64,6 +68,11 @@ class ModelConfig:
     def has_bottleneck(self) -> bool:
         """False at ratio 1: stages then hand the d-wide residual stream on with no encoder or decoder."""
         return self.bottleneck_ratio > 1
+
+    @property
+    def stage_tokens(self) -> bool:
+        """Whether the stages after the head take the token ids too (only behind a bottleneck)."""
+        return self.has_bottleneck and self.token_dim > 0
 
     @property
     def bottleneck_dim(self) -> int:
@@ -114,6 +123,7 @@ PRESETS: dict[str, ModelConfig] = {
         stage_blocks=(2, 2, 2),
         max_seq_len=256,
         bottleneck_ratio=64,
+        token_dim=256,
     ),
     # A small GPU model for experiments, with a 32k vocabulary (Llama-2 / Mistral sized tokenizers).
     "100m": ModelConfig(
@@ -125,6 +135,7 @@ PRESETS: dict[str, ModelConfig] = {
         ffn_hidden=_ffn(768),
         stage_blocks=(3, 4, 3),
         max_seq_len=1024,
+        token_dim=256,
     ),
     # The reference network's production size: 3 stages, each within a 16 GB GPU with fp32 AdamW.
     # Head and tail carry the 128k-vocabulary embedding and LM head, so they hold fewer blocks.
@@ -138,6 +149,7 @@ PRESETS: dict[str, ModelConfig] = {
         stage_blocks=(6, 10, 6),
         max_seq_len=1024,
         rope_theta=500000.0,
+        token_dim=128,
     ),
     # d=5120, 50 blocks, 128k vocabulary, as the reference's 15B run, split so that each stage holds
     # about 0.5B parameters: a 16 GB GPU then holds its fp32 weights, gradients and AdamW state.
@@ -151,6 +163,7 @@ PRESETS: dict[str, ModelConfig] = {
         stage_blocks=(1,) + (2,) * 24 + (1,),
         max_seq_len=1024,
         rope_theta=500000.0,
+        token_dim=128,
     ),
 }
 

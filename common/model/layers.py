@@ -116,3 +116,17 @@ class BottleneckDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return F.pad(z, (0, self.pad)) + self.proj(z)
+
+
+class StageTokens(nn.Module):
+    """A later stage's own embedding of the token ids, added to its decoded input: the bottleneck then
+    carries what the earlier stages worked out about the context, not which token stands where."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.token_dim)
+        self.proj = nn.Linear(cfg.token_dim, cfg.d_model, bias=False) if cfg.token_dim < cfg.d_model else None
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        e = self.embed(tokens)
+        return e if self.proj is None else self.proj(e)

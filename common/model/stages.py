@@ -3,7 +3,9 @@
 Stage 0 (the head) embeds tokens; the last stage (the tail) ends with the final norm and the LM head; every
 stage but the tail ends with a bottleneck encoder and every stage but the head starts with a decoder. Only
 the encoder's b-wide output crosses the network. At bottleneck_ratio 1 there is neither: the d-wide residual
-stream crosses as it is.
+stream crosses as it is. Behind a bottleneck, every stage after the head also embeds the token ids itself
+(`token_dim`, `StageTokens`), which each miner loads by sample id like the tail's labels: they cost nothing
+on the wire.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.model.config import ModelConfig
-from common.model.layers import Block, BottleneckDecoder, BottleneckEncoder, RMSNorm, rotary_tables
+from common.model.layers import (
+    Block,
+    BottleneckDecoder,
+    BottleneckEncoder,
+    RMSNorm,
+    StageTokens,
+    rotary_tables,
+)
 
 # Output projections that write into the residual stream; GPT-2 style, their init is scaled down with depth.
 _RESIDUAL_OUTPUTS = ("attn.wo.weight", "mlp.w2.weight")
@@ -34,6 +43,9 @@ class PipelineStage(nn.Module):
             self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         elif cfg.has_bottleneck:
             self.decoder = BottleneckDecoder(cfg)
+            if cfg.stage_tokens:
+                self.tokens = StageTokens(cfg)
+        self.needs_tokens = not self.is_head and cfg.stage_tokens  # forward(x, tokens) then
         self.blocks = nn.ModuleList(Block(cfg) for _ in cfg.block_range(stage))
         if self.is_tail:
             self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -44,8 +56,9 @@ class PipelineStage(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Head: token ids (B, T) -> (B, T, b). Body: (B, T, b) -> (B, T, b). Tail: (B, T, b) -> logits."""
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Head: token ids (B, T) -> (B, T, b). Body: (B, T, b) -> (B, T, b). Tail: (B, T, b) -> logits.
+        Where `needs_tokens`, `tokens` are the sample's token ids (B, T)."""
         seq = x.shape[1]
         if seq > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -53,6 +66,13 @@ class PipelineStage(nn.Module):
             h = self.embed(x)
         else:
             h = self.decoder(x) if self.cfg.has_bottleneck else x
+            if self.needs_tokens:
+                if tokens is None or tokens.shape != x.shape[:2]:
+                    got = None if tokens is None else tuple(tokens.shape)
+                    raise ValueError(
+                        f"stage {self.stage} needs the token ids {tuple(x.shape[:2])}, got {got}"
+                    )
+                h = h + self.tokens(tokens)
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         for block in self.blocks:
             h = block(h, cos, sin)
@@ -108,7 +128,7 @@ class IotaModel(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = tokens
         for stage in self.stages:
-            x = stage(x)
+            x = stage(x, tokens)
         return x
 
     def stage_state_dict(self, stage: int) -> dict[str, torch.Tensor]:
@@ -117,9 +137,7 @@ class IotaModel(nn.Module):
 
 def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of predicting tokens[:, 1:] from logits[:, :-1], computed in fp32."""
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1)
-    )
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
 
 
 @dataclass(frozen=True)
