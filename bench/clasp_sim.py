@@ -97,7 +97,7 @@ def _pool_losses(
     policy = BehaviorPolicy(behavior)
     with torch.inference_mode():
         h0 = trainers[0].module(flat)
-        h1 = trainers[1].module(h0)
+        h1 = trainers[1].module(h0, flat)
         sent = torch.cat(
             [
                 policy.forward_output(
@@ -108,7 +108,7 @@ def _pool_losses(
                 for j in range(pool)
             ]
         )
-        logits = trainers[2].module(sent)
+        logits = trainers[2].module(sent, flat)
         ce = F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(), flat[:, 1:].reshape(-1), reduction="none"
         )
