@@ -12,7 +12,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_validation_bench_json(tmp_path: Path) -> None:
     out = tmp_path / "validation.json"

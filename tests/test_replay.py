@@ -208,7 +208,6 @@ def long_bf16_epoch(stage: int) -> Simulation:
     return simulate_epoch(stage, samples=16, autocast=True)  # more steps than the horizon
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_long_bf16_epoch_passes_a_cross_regime_replay_up_to_the_horizon(stage: int) -> None:
     """Honest bf16 work drifts from an fp32 replay as the steps add up (tail_grad past its tolerance after
@@ -232,7 +231,6 @@ def test_a_cross_regime_replay_still_catches_cheats(behavior: Behavior, stage: i
     assert verdict.failure.startswith(f"{kind}: op 0 "), verdict.failure
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES)
 def test_honest_bf16_miner_with_int8_wire_passes(stage: int) -> None:
     verdict = run(simulation(stage, "bf16+int8wire"), horizon=CROSS_REGIME_HORIZON)
