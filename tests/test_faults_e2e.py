@@ -336,7 +336,8 @@ def test_the_run_survives_each_fault_and_its_accounting_stays_exact(run: Faults)
         for suffix in ("", "-wal", "-shm"):
             (net.workdir / f"orchestrator.sqlite{suffix}").unlink(missing_ok=True)
         net.start_orchestrator()
-        second = net.wait_for(lambda s: s.samples_completed >= 3, timeout_s=120)
+        # Each miner registers again on its own schedule (one in its retry back-off comes later).
+        second = net.wait_for(lambda s: s.samples_completed >= 3 and len(s.miners) == 6, timeout_s=120)
     assert second.run_id != final.run_id
     assert all(proc.poll() is None for proc in net.miners.values())
     assert sorted(m.stage for m in second.miners) == [0, 0, 1, 1, 2, 2]
