@@ -389,7 +389,7 @@ class MinerWorker:
             if item.kind == "forward" and item.stage == last:
                 loss, out = trainer.tail_step(x, self._tokens(item))
             elif item.kind == "forward":
-                tokens = self._tokens(item) if trainer.module.needs_tokens and item.stage > 0 else None
+                tokens = self._tokens(item) if trainer.module.needs_tokens else None  # never at the head
                 out = self._forward_evicting(item.item_id, x, tokens)
             else:
                 out = trainer.backward(item.forward_item or "", x)

@@ -128,8 +128,7 @@ class EpochClock:
     def tick(self) -> None:
         """Move the clock on; called about once a second (and after every merge report)."""
         now, st = self.clock(), self.state
-        began = self.scheduler.in_flight() or self.scheduler.completed > st.completed_at_start
-        if st.phase == "training" and not st.training_began and began:
+        if st.phase == "training" and not st.training_began and self._training_began():
             st.training_began = True
             self._set_phase("training", now)
         if st.phase == "training" and self._epoch_over(now):
@@ -150,6 +149,10 @@ class EpochClock:
                     self._changed(merge)
             if all(m.finished for m in self.merges.values()):
                 self._next_epoch(now)
+
+    def _training_began(self) -> bool:
+        """A sample of this epoch is in flight or done (only asked until the first one is)."""
+        return bool(self.scheduler.in_flight()) or self.scheduler.completed > self.state.completed_at_start
 
     def _epoch_over(self, now: float) -> bool:
         s, st = self.settings, self.state
