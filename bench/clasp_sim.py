@@ -120,7 +120,15 @@ def _pool_losses(
 def loss_pool(steps: int = 200, pool: int = 512, threads: int = 1, seed: int = SEED) -> LossPool:
     """Train, then measure the pool's losses (cached per process, so several benches share one). One torch
     thread by default: on a 2-core machine shared with another busy process, 2 threads took 800 s against
-    72 s for 1 (the same losses)."""
+    72 s for 1 (the same losses).
+
+    Reproducible run to run on one machine, but not across machines: the training's floating-point
+    rounding depends on the CPU kernels torch picks (AVX-512, AVX2, ...) and on the torch version, and the
+    training amplifies it. With seed 7 and 200 steps the mean damage of random outputs (on the first 96
+    samples) was 1.54 nats on AVX-512 kernels, 0.71 on AVX2 and 1.48 on the scalar ones
+    (`ATEN_CPU_CAPABILITY`); seeds 1 to 5 gave 0.73 to 2.18. After 40 steps it ranged from 0.06 to 1.12:
+    the body's output matters little that early (the tail embeds the tokens itself), so a pool from a
+    short run can show almost no damage."""
     began = time.perf_counter()
     torch.manual_seed(seed)
     cfg = get_preset("tiny", max_seq_len=64)
@@ -227,7 +235,7 @@ def detection_table(
     pool: LossPool | None = None,
 ) -> dict[str, Any]:
     """Detection and false-positive rates per (miners per stage, behaviour, fraction, records); deterministic
-    given `seed` (and the pool, which is deterministic for its arguments). The cheats other than
+    given `seed` and the pool (which is not the same on every machine: see `loss_pool`). The cheats other than
     random-output run only with the first entry of `miners_per_stage`. Rows: a list of dicts with keys
     miners, behavior, fraction, records, detection (None for the all-honest rows), false_positive."""
     pool = pool or loss_pool()
@@ -255,6 +263,8 @@ def detection_table(
             "trend_drop_nats": trend_drop,
             "clasp": asdict(config),
             "torch": torch.__version__,
+            # the CPU kernels the pool was trained with: they change its losses (see `loss_pool`)
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         },
         "losses": _loss_summary(pool),
         "rows": rows,

@@ -34,6 +34,13 @@ def test_validation_bench_json(tmp_path: Path) -> None:
     assert honest and cheats
     assert all(0 <= r["false_positive"] <= 1 for r in rows)
     assert all(0 <= r["detection"] <= 1 for r in cheats)
-    # A miner sending random outputs on every forward is caught from 512 records on.
-    full = [r for r in cheats if r["fraction"] == 1.0 and r["records"] == 512]
+    # A miner sending random outputs on every forward is caught within half the validator's 4096-record
+    # window. The trials are seeded, so the figure is fixed given the loss pool; but the pool differs
+    # between machines (CPU kernels, torch version: see `bench.clasp_sim.loss_pool`), which is how a
+    # 40-step pool once passed and once failed this at 512 records on the same commit. At 2048 records the
+    # bad miner's z averaged 44 to 51 times the damage (nats), spread 1.2 (100 trials on each of two
+    # pools). 2 or more misses (z < 4) in 10 trials have a chance under 45 p^2 = 1e-4 while p, the
+    # per-trial miss rate, is under 1.5e-3: a mean z above 4 + 3 * 1.2, a damage of 0.17 nats or more,
+    # 4x below the least of the 8 200-step pools measured (0.71 to 2.18 nats, 6 seeds and 3 kernel sets).
+    full = [r for r in cheats if r["fraction"] == 1.0 and r["records"] == 2048]
     assert full and full[0]["detection"] >= 0.9, full

@@ -230,7 +230,8 @@ def test_within_bounds_a_call_that_does_not_answer() -> None:
     start = time.monotonic()
     with pytest.raises(TimeoutError):
         preflight.within(0.2, lambda: time.sleep(5))
-    assert time.monotonic() - start < 2
+    # Under 4 s: it gave up before the 5 s call ended (2 s was tight on a loaded 2-core machine).
+    assert time.monotonic() - start < 4
     with pytest.raises(ZeroDivisionError):
         preflight.within(1, lambda: 1 / 0)
     assert preflight.within(1, lambda: 42) == 42
