@@ -208,31 +208,62 @@ def generate(
     top_k: int | None,
     seed: int,
 ) -> str:
-    """The continuation of `prompt` (without the prompt itself), sampled token by token.
+    """The continuation of `prompt` (without the prompt itself), sampled token by token (`generate_ids`).
+
+    An empty prompt starts from BOS if the tokenizer has one, else from EOS, which ends every training
+    document and so reads as "a new document starts here".
+    """
+    ids = tokenizer.encode(prompt) or [getattr(tokenizer, "BOS", tokenizer.EOS)]
+    new = generate_ids(
+        model,
+        ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        seed=seed,
+        vocab=tokenizer.vocab_size,
+        eos=tokenizer.EOS,
+    )
+    return tokenizer.decode(new)
+
+
+@torch.no_grad()
+def generate_ids(
+    model: IotaModel,
+    ids: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    seed: int,
+    vocab: int,
+    eos: int,
+) -> list[int]:
+    """The token ids that follow `ids`, picked among the first `vocab` ids, up to (not including) `eos`.
 
     No KV cache: the model is small enough for export-time sampling and the stages have none. The context
     is cropped to the model's `max_seq_len`. Temperature 0 is greedy; `top_k` None or 0 keeps every token.
-    Stops at EOS (not included in the text). An empty prompt starts from BOS if the tokenizer has one, else
-    from EOS, which ends every training document and so reads as "a new document starts here".
     """
     if max_new_tokens < 0 or not math.isfinite(temperature) or temperature < 0:
         raise ValueError("max_new_tokens and temperature must be non-negative")
+    if not ids:
+        raise ValueError("generation needs at least one token to start from")
     cfg = model.cfg
     device = next(model.parameters()).device
-    ids = tokenizer.encode(prompt) or [getattr(tokenizer, "BOS", tokenizer.EOS)]
     # The model's vocabulary is padded past the tokenizer's; those ids were never targets, so never pick them.
-    vocab = min(tokenizer.vocab_size, cfg.vocab_size)
+    vocab = min(vocab, cfg.vocab_size)
+    ids = list(ids)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     new: list[int] = []
     for _ in range(max_new_tokens):
         context = torch.tensor([ids[-cfg.max_seq_len :]], dtype=torch.long, device=device)
         logits = model(context)[0, -1, :vocab].float().cpu()
         token = _pick(logits, temperature, top_k, generator)
-        if token == tokenizer.EOS:
+        if token == eos:
             break
         ids.append(token)
         new.append(token)
-    return tokenizer.decode(new)
+    return new
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> int:

@@ -1,7 +1,7 @@
 """The Llama-style decoder, its presets, and its split into pipeline stages with bottlenecks."""
 
-from common.model.config import BYTE_VOCAB_SIZE, PRESETS, ModelConfig, get_preset
-from common.model.stages import (
+from .config import BYTE_VOCAB_SIZE, PRESETS, ModelConfig, get_preset
+from .stages import (
     IotaModel,
     PipelineStage,
     StageSize,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.model.config import ModelConfig
+from .config import ModelConfig
 
 
 class RMSNorm(nn.Module):

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.model.config import ModelConfig
-from common.model.layers import (
+from .config import ModelConfig
+from .layers import (
     Block,
     BottleneckDecoder,
     BottleneckEncoder,
