@@ -139,6 +139,23 @@ if [ "$role" = dev ] && ! command -v chromium >/dev/null 2>&1 && ! command -v ch
   fi
 fi
 
+# The PM2 test (tests/test_pm2_e2e.py) runs the process files in pm2/ under a real PM2: a pinned one, in
+# .venv/node rather than on the PATH, so that it is the same everywhere and never an operator's own. Its
+# version is read from its package.json: running `pm2` would start a daemon. Never fail setup over it.
+pm2_version=7.0.4
+if [ "$role" = dev ] && [ "$(node -p 'require("./.venv/node/node_modules/pm2/package.json").version' 2>/dev/null \
+    || true)" != "$pm2_version" ]; then
+  if command -v npm >/dev/null 2>&1; then
+    say "installing PM2 $pm2_version into .venv/node for the PM2 test"
+    if ! npm install --prefix .venv/node --no-audit --no-fund --loglevel=error "pm2@$pm2_version" \
+        >.venv/npm.log 2>&1; then
+      echo "setup: could not install PM2 (see .venv/npm.log); the PM2 test will fail under CI" >&2
+    fi
+  else
+    echo "setup: npm (which comes with node) is missing; the PM2 test will fail under CI" >&2
+  fi
+fi
+
 env_file="${IOTA_ENV_FILE:-.env}"
 if [ "$role" != dev ] && [ ! -f "$env_file" ]; then
   cp .env.example "$env_file"

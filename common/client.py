@@ -1,7 +1,9 @@
 """The signed HTTP client that miners and validators use to talk to the orchestrator.
 
 Transient failures (connection refused while the orchestrator restarts, timeouts, 5xx, 429, 503) are
-retried with jittered exponential backoff. A 409 about the run or the session raises `Resync`: the caller
+retried with jittered exponential backoff, until the client's stop event is set: then a request gets no
+further try and raises `Stopping` (`common.stopping`), so a daemon told to stop does not sit out the retry
+budget against an orchestrator that is gone. A 409 about the run or the session raises `Resync`: the caller
 registers again rather than exiting. A 401 `clock_skew` raises `ClockSkew`, which says how far this
 machine's clock is off. Any other 4xx raises `ApiError` with the orchestrator's reason.
 """
@@ -9,6 +11,7 @@ machine's clock is off. Any other 4xx raises `ApiError` with the orchestrator's 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
@@ -20,6 +23,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from common.auth import CLOCK_SKEW, EpistulaAuth
 from common.protocol import HEADER_PROTOCOL, PROTOCOL_VERSION
+from common.stopping import pause
 
 log = logging.getLogger("iota.client")
 
@@ -61,9 +65,18 @@ class _Transient(Exception):
 
 class OrchestratorClient:
     def __init__(
-        self, base_url: str, keypair: Keypair, *, timeout_s: float = 30.0, retry_for_s: float = 120.0
+        self,
+        base_url: str,
+        keypair: Keypair,
+        *,
+        timeout_s: float = 30.0,
+        retry_for_s: float = 120.0,
+        stop: threading.Event | None = None,
     ) -> None:
         self.retry_for_s = retry_for_s
+        # Once set, no request is retried. The first try of a request still goes out, so that a stopping
+        # miner can report the item it finished or gives up (the orchestrator then requeues it at once).
+        self.stop = stop or threading.Event()
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),
             auth=EpistulaAuth(keypair),
@@ -110,6 +123,7 @@ class OrchestratorClient:
             stop=stop_after_delay(self.retry_for_s),
             wait=wait_exponential(multiplier=0.1, max=2.0) + wait_random(0, 0.1),
             retry=retry_if_exception_type(_Transient),
+            sleep=pause(self.stop, f"{method} {path}"),
             reraise=True,
         )
         try:

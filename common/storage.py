@@ -2,7 +2,10 @@
 
 Only the orchestrator holds S3 credentials (`ObjectStore`); it hands miners presigned URLs, and miners move
 bytes with the module functions `upload_to_url`, `download_from_url` and `upload_multipart`, which need
-nothing but those URLs. Every failure surfaces as `StorageError`.
+nothing but those URLs. Every failure surfaces as `StorageError`. Given a `stop` event, they start no try
+once it is set, cut the wait between tries short, and check it between the chunks of a streamed body; that
+raises `common.stopping.Stopping`, which is not a `StorageError`: a stopping miner does not take its own
+abandoned download for a bad source.
 
 Transfers of at least `PROGRESS_MIN_BYTES` (weights, checkpoints) report progress: a rich bar when stderr is
 a terminal, else an INFO log line at most every quarter or few seconds. Smaller ones (the activations and
@@ -42,6 +45,7 @@ from tenacity import (
 
 from common.codec import content_hash
 from common.config import S3Settings
+from common.stopping import pause, raise_if_stopping
 
 T = TypeVar("T")
 
@@ -598,11 +602,12 @@ def upload_to_url(
     client: httpx.Client | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,
     label: str | None = None,
+    stop: threading.Event | None = None,
 ) -> str:
     """PUT `data` to a presigned URL; returns the ETag the store gave it (without quotes). `label` names a
     large upload in progress reports (default: the URL's path)."""
     with _optional(_progress_for("uploading", len(data), label, url)) as progress:
-        return _upload(url, data, timeout_s, client, retry, progress)
+        return _upload(url, data, timeout_s, client, retry, progress, stop)
 
 
 def _upload(
@@ -612,6 +617,7 @@ def _upload(
     client: httpx.Client | None,
     retry: RetryPolicy,
     progress: TransferProgress | None,
+    stop: threading.Event | None = None,
 ) -> str:
     def put(http: httpx.Client) -> str:
         if progress is None:
@@ -623,12 +629,12 @@ def _upload(
                 "PUT",
                 url,
                 timeout_s,
-                content=_slices(data, progress, sent),
+                content=_slices(data, progress, sent, stop),
                 headers={"Content-Length": str(len(data))},
             )
             return _etag_of(http.send(request), url)
 
-    return _with_retries(f"PUT {_redact(url)}", put, client, retry)
+    return _with_retries(f"PUT {_redact(url)}", put, client, retry, stop)
 
 
 def _etag_of(resp: httpx.Response, url: str) -> str:
@@ -647,6 +653,7 @@ def download_from_url(
     client: httpx.Client | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,
     label: str | None = None,
+    stop: threading.Event | None = None,
 ) -> bytes:
     """GET a presigned URL, aborting as soon as more than `max_bytes` have arrived. `label` names a large
     download in progress reports (default: the URL's path)."""
@@ -664,12 +671,12 @@ def download_from_url(
             if progress is None:
                 progress = _progress_for("downloading", expected, label, url)
             if progress is None:
-                return _read_capped(resp, max_bytes, url)
+                return _read_capped(resp, max_bytes, url, stop=stop)
             with _attempt(progress) as sent:
-                return _read_capped(resp, max_bytes, url, progress, sent)
+                return _read_capped(resp, max_bytes, url, progress, sent, stop)
 
     try:
-        return _with_retries(f"GET {_redact(url)}", get, client, retry)
+        return _with_retries(f"GET {_redact(url)}", get, client, retry, stop)
     finally:
         if progress is not None:
             progress.close()
@@ -685,6 +692,7 @@ def upload_multipart(
     retry: RetryPolicy = DEFAULT_RETRY,
     concurrency: int = 4,
     label: str | None = None,
+    stop: threading.Event | None = None,
 ) -> list[CompletedPart]:
     """Upload `data` in `part_size` slices, slice i to `part_urls[i]` (S3 part number i + 1).
 
@@ -701,7 +709,7 @@ def upload_multipart(
 
     def send(index: int, http: httpx.Client) -> CompletedPart:
         chunk = data[index * part_size : (index + 1) * part_size]
-        etag = _upload(part_urls[index], chunk, timeout_s, http, retry, progress)
+        etag = _upload(part_urls[index], chunk, timeout_s, http, retry, progress, stop)
         return CompletedPart(part_number=index + 1, etag=etag)
 
     with (
@@ -713,18 +721,28 @@ def upload_multipart(
 
 
 def _with_retries(
-    what: str, request: Callable[[httpx.Client], T], client: httpx.Client | None, retry: RetryPolicy
+    what: str,
+    request: Callable[[httpx.Client], T],
+    client: httpx.Client | None,
+    retry: RetryPolicy,
+    stop: threading.Event | None = None,
 ) -> T:
     retrying = Retrying(
         stop=stop_after_attempt(retry.attempts),
         wait=wait_exponential(multiplier=retry.initial_wait_s, max=retry.max_wait_s)
         + wait_random(0, retry.initial_wait_s),
         retry=retry_if_exception_type(_TRANSIENT),
+        sleep=pause(stop, what),
         reraise=True,
     )
+
+    def attempt(http: httpx.Client) -> T:
+        raise_if_stopping(stop, what)
+        return request(http)
+
     with _client_scope(client) as http:
         try:
-            return retrying(request, http)
+            return retrying(attempt, http)
         except StorageError:
             raise
         except httpx.HTTPError as e:
@@ -768,10 +786,12 @@ def _read_capped(
     url: str,
     progress: TransferProgress | None = None,
     sent: list[int] | None = None,
+    stop: threading.Event | None = None,
 ) -> bytes:
     # Content-Length may be absent or wrong (chunked, compressed, hostile), so count what actually arrives.
     buf = bytearray()
     for chunk in resp.iter_bytes():
+        raise_if_stopping(stop, f"GET {_redact(url)}")
         buf += chunk
         if len(buf) > max_bytes:
             raise StorageError(f"GET {_redact(url)}: body exceeds the limit of {max_bytes} bytes")
@@ -793,9 +813,12 @@ def _attempt(progress: TransferProgress) -> Iterator[list[int]]:
         raise
 
 
-def _slices(data: bytes, progress: TransferProgress, sent: list[int]) -> Iterator[bytes]:
+def _slices(
+    data: bytes, progress: TransferProgress, sent: list[int], stop: threading.Event | None = None
+) -> Iterator[bytes]:
     """`data` in slices, each counted once httpx has taken it."""
     for start in range(0, len(data), _CHUNK_BYTES):
+        raise_if_stopping(stop, "PUT")
         chunk = data[start : start + _CHUNK_BYTES]
         yield chunk
         sent[0] += len(chunk)

@@ -10,6 +10,7 @@ orchestrator get the same bits.
 from __future__ import annotations
 
 import logging
+import threading
 
 import httpx
 import torch
@@ -67,8 +68,11 @@ class MergeParticipant:
         http: httpx.Client,
         policy: BehaviorPolicy | None = None,
         traffic: Traffic | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.trainer, self.training, self.hotkey, self.http = trainer, training, hotkey, http
+        # A stopping miner's transfers end with `Stopping`, which no handler here takes for a bad source.
+        self.stop = stop
         self.policy = policy or BehaviorPolicy()
         self.traffic = traffic or Traffic()
         self.like = trainer.weights()  # names and shapes (values unused)
@@ -184,12 +188,12 @@ class MergeParticipant:
     # -- transfers -----------------------------------------------------------------------------------------
 
     def _upload(self, target: UploadTarget, data: bytes) -> ArtifactRef:
-        upload_to_url(target.url, data, client=self.http)
+        upload_to_url(target.url, data, client=self.http, stop=self.stop)
         self.traffic.uploaded += len(data)
         return ArtifactRef(key=target.key, size=len(data), sha256=content_hash(data))
 
     def _download(self, source: DownloadSource) -> bytes:
-        data = download_from_url(source.url, max_bytes=source.size, client=self.http)
+        data = download_from_url(source.url, max_bytes=source.size, client=self.http, stop=self.stop)
         self.traffic.downloaded += len(data)
         if len(data) != source.size or content_hash(data) != source.sha256:
             raise MergeFailed(f"{source.key} is not the object the orchestrator announced")

@@ -3,6 +3,10 @@
 Everything a miner receives is checked before use: downloaded bytes against the size and sha256 the
 orchestrator vouched for, tensors against the run's boundary shape and dtype, finiteness and magnitude.
 A bad input is reported with `blame_input`, so it costs the miner that produced it, not this one.
+
+Stopping (the `stop` event, set by SIGINT or SIGTERM): the loop ends after the current step; retries of the
+orchestrator and transfers end at their next try with `Stopping`, and an item given up that way is
+reported failed (one try), so the orchestrator requeues it at once rather than at its deadline.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from common.protocol import (
     WorkRequest,
     WorkResponse,
 )
+from common.stopping import Stopping
 from common.storage import StorageError, download_from_url, upload_to_url
 from common.wire import BoundaryWire
 from miner.merging import MergeFailed, MergeParticipant, Traffic
@@ -96,8 +101,16 @@ class Timings:
 
 
 class MinerWorker:
-    def __init__(self, settings: MinerSettings, keypair: Keypair, data: DataSettings | None = None) -> None:
+    def __init__(
+        self,
+        settings: MinerSettings,
+        keypair: Keypair,
+        data: DataSettings | None = None,
+        *,
+        stop: threading.Event | None = None,
+    ) -> None:
         self.settings, self.keypair = settings, keypair
+        self.stop = stop or threading.Event()  # ends the loop, and every retry and transfer with it
         self.device = pick_device(settings.device)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
@@ -107,6 +120,7 @@ class MinerWorker:
             keypair,
             timeout_s=settings.http_timeout_s,
             retry_for_s=settings.retry_for_s,
+            stop=self.stop,
         )
         self.reg: RegisterResponse | None = None
         self.trainer: StageTrainer | None = None
@@ -168,6 +182,7 @@ class MinerWorker:
                 http=self._s3,
                 policy=self.trainer.policy,
                 traffic=self.traffic,
+                stop=self.stop,
             )
             with self.timings.measure("checkpoint"):
                 self.merger.load(reg.weights)
@@ -185,8 +200,8 @@ class MinerWorker:
 
     # -- the loop -----------------------------------------------------------------------------------------
 
-    def run(self, stop: threading.Event | None = None) -> None:
-        stop = stop or threading.Event()
+    def run(self) -> None:
+        stop = self.stop
         serve_daemon_metrics(self.metrics.registry, self.settings.metrics_host, self.settings.metrics_port)
         backoff = 1.0
         while not stop.is_set():
@@ -198,6 +213,9 @@ class MinerWorker:
                 if self.clock_refused:
                     self.clock_refused = False
                     log.info("the orchestrator accepts this machine's clock again; back to work")
+            except Stopping as error:
+                log.info("stopping: %s", error)
+                break
             except Resync as error:
                 log.info("re-syncing with the orchestrator: %s", error.detail)
                 self.resync = True
@@ -329,6 +347,9 @@ class MinerWorker:
         reg = self._session()
         try:
             output, loss = self._compute(item)
+        except Stopping:
+            self._fail(item, "the miner is stopping", blame_input=False)
+            raise
         except BadInput as error:
             log.warning("item %s: bad input, reporting it: %s", item.item_id, error)
             self._fail(item, str(error), blame_input=True)
@@ -343,7 +364,10 @@ class MinerWorker:
             assert item.output is not None
             try:
                 with self.timings.measure("upload"):
-                    upload_to_url(item.output.url, output, client=self._s3)
+                    upload_to_url(item.output.url, output, client=self._s3, stop=self.stop)
+            except Stopping:
+                self._fail(item, "the miner is stopping", blame_input=False)
+                raise
             except StorageError as error:
                 self.metrics.counts.transfer_errors["upload"] += 1
                 self._fail(item, f"upload failed: {error}", blame_input=False)
@@ -430,7 +454,7 @@ class MinerWorker:
             raise BadInput(f"input of {source.size} bytes is larger than a boundary tensor")
         try:
             with self.timings.measure("download"):
-                data = download_from_url(source.url, max_bytes=source.size, client=self._s3)
+                data = download_from_url(source.url, max_bytes=source.size, client=self._s3, stop=self.stop)
         except StorageError:
             self.metrics.counts.transfer_errors["download"] += 1
             raise

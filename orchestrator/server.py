@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import socket
+from types import FrameType
 
 import uvicorn
 
 from common.chain import make_chain
 from common.config import AuthSettings, ChainSettings, DataSettings, ModelSettings, S3Settings
 from common.data import make_corpus
+from common.stopping import StopSignals
 from common.storage import ObjectStore
 from orchestrator.app import create_app
 from orchestrator.db import StateDB
@@ -47,8 +49,28 @@ def build_orchestrator(
     )
 
 
+# Requests under way (long polls included: they are capped by IOTA_ORCH_POLL_WAIT_S) get this long to
+# finish after a stop signal; then they are cancelled, the background loops stop, and the process exits.
+GRACEFUL_S = 5
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server with the daemons' stop promise (`common.stopping`): the first SIGINT or SIGTERM
+    starts uvicorn's graceful shutdown and arms the deadline, a second one exits at once. Exiting at any
+    point keeps the state whole: every write to SQLite commits before the request it serves is answered."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.stop_signals = StopSignals("orchestrator")
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.stop_signals.handle(sig, frame)
+        super().handle_exit(sig, frame)
+
+
 def serve(orchestrator: Orchestrator, host: str, port: int) -> None:
-    """Serve until SIGINT/SIGTERM. Binds the socket itself so that port 0 works and TCP_NODELAY is set."""
+    """Serve until SIGINT/SIGTERM (see `_Server`). Binds the socket itself so that port 0 works and
+    TCP_NODELAY is set."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
@@ -59,9 +81,9 @@ def serve(orchestrator: Orchestrator, host: str, port: int) -> None:
         create_app(orchestrator),
         log_level="warning",
         access_log=False,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=GRACEFUL_S,
         # Miners talk to the orchestrator all the time, with their compute and transfers in between: keep
         # their connections open rather than uvicorn's 5 s, so they are not re-opened (and raced) every item.
         timeout_keep_alive=75,
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    _Server(config).run(sockets=[sock])

@@ -124,6 +124,9 @@ COVERED = [
     # test.sh runs setup.sh (dev role, torch detected) in every CI run.
     (r"\./setup\.sh( --cpu)?", ".ci/run"),
     (r"iota devnet --validators \d+ --adversaries .*", "tests/test_validation_e2e.py"),
+    # nanio as NanioS3 starts it, and a devnet on it as `Devnet` with an external store.
+    (r"NANIO_ACCESS_KEY=\S+ NANIO_SECRET_KEY=\S+ nanio serve .*", "tests/test_s3_verify.py"),
+    (r"iota devnet --s3-endpoint \S+", "tests/test_s3_verify.py"),
     (r"\./devnet\.sh( .*)?", "tests/test_operating_e2e.py"),
     # Each start script against missing prerequisites, with the checks skipped, and the miner's check passing.
     (r"(IOTA_\w+=\S+ )*\./start_(miner|validator|orchestrator)\.sh", "tests/test_start_scripts.py"),
@@ -324,6 +327,8 @@ def test_pm2_process_files() -> None:
     assert node, "node is needed to check the PM2 process files (it ships with the machine image)"
     files = sorted((ROOT / "pm2").glob("*.config.js"))
     assert {f.name for f in files} == {"miner.config.js", "validator.config.js", "orchestrator.config.js"}
+    # Without IOTA_PM2_LOG_DIR, the logs go where the docs say (tests/test_pm2_e2e.py sets it to a temp dir).
+    env = {k: v for k, v in os.environ.items() if k != "IOTA_PM2_LOG_DIR"}
     for file in files:
         role = file.name.removesuffix(".config.js")
         done = subprocess.run(
@@ -331,6 +336,7 @@ def test_pm2_process_files() -> None:
             capture_output=True,
             text=True,
             timeout=60,
+            env=env,
         )
         assert done.returncode == 0, f"node cannot load {file}: {done.stderr}"
         apps = json.loads(done.stdout)["apps"]

@@ -4,6 +4,10 @@ score the miners and set weights on the chain.
 Replays run in the main thread, one at a time; scoring runs in its own thread so that a long replay never
 delays the weights. Neither touches a miner's requests: a replay starts only after the shadowed epoch has
 merged, from objects the orchestrator kept for it.
+
+Stopping (the `stop` event, set by SIGINT or SIGTERM) ends both loops: retries of the orchestrator and
+downloads end at their next try with `Stopping`, and a replay cut short that way reports nothing (its lease
+expires to another validator).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from common.protocol import (
     ValidatorTaskResponse,
     VerdictRequest,
 )
+from common.stopping import Stopping
 from common.storage import StorageError, download_from_url
 from validator.clasp import estimate_effects, quality
 from validator.metrics import ValidatorMetrics, ValidatorStatusLine
@@ -85,11 +90,23 @@ class WeightsRound:
         }
 
 
+# How long a stopping validator waits for a weights round under way (it is a daemon thread: after this the
+# process exits without it; the next round, after a restart, sets weights again).
+_SCORER_JOIN_S = 3.0
+
+
 class ValidatorDaemon:
     def __init__(
-        self, settings: ValidatorSettings, keypair: Keypair, chain: Chain, data: DataSettings | None = None
+        self,
+        settings: ValidatorSettings,
+        keypair: Keypair,
+        chain: Chain,
+        data: DataSettings | None = None,
+        *,
+        stop: threading.Event | None = None,
     ) -> None:
         self.settings, self.keypair, self.chain = settings, keypair, chain
+        self.stop = stop or threading.Event()  # ends both loops, and every retry and download with them
         self.device = pick_device(settings.device)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
@@ -99,6 +116,7 @@ class ValidatorDaemon:
             keypair,
             timeout_s=settings.http_timeout_s,
             retry_for_s=settings.retry_for_s,
+            stop=self.stop,
         )
         self.scoring = ScoringConfig(
             window_epochs=settings.score_window_epochs,
@@ -131,8 +149,8 @@ class ValidatorDaemon:
 
     # -- the loops ------------------------------------------------------------------------------------------
 
-    def run(self, stop: threading.Event | None = None) -> None:
-        stop = stop or threading.Event()
+    def run(self) -> None:
+        stop = self.stop
         serve_daemon_metrics(self.metrics.registry, self.settings.metrics_host, self.settings.metrics_port)
         scorer = threading.Thread(target=self._score_loop, args=(stop,), name="scores", daemon=True)
         scorer.start()
@@ -148,6 +166,9 @@ class ValidatorDaemon:
                     self.register()
                 self.step()
                 backoff = 1.0
+            except Stopping as error:
+                log.info("stopping: %s", error)
+                break
             except Resync as error:
                 log.info("re-registering with the orchestrator: %s", error.detail)
                 self.reg = None
@@ -155,7 +176,7 @@ class ValidatorDaemon:
                 log.warning("orchestrator: %s; will keep trying", error)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
-        scorer.join(timeout=self.settings.http_timeout_s)
+        scorer.join(timeout=_SCORER_JOIN_S)
         self.client.close()
         self._s3.close()
 
@@ -188,6 +209,8 @@ class ValidatorDaemon:
                 horizon=mode.horizon,
                 tolerances=mode.tolerances,
             )
+        except Stopping:
+            raise
         except (ReplayError, StorageError) as error:
             # Not the miner's fault: report nothing, and the lease expires to another validator.
             self.replays["unreplayable"] += 1
@@ -217,7 +240,7 @@ class ValidatorDaemon:
         return verdict
 
     def _fetch(self, source: DownloadSource) -> bytes:
-        return download_from_url(source.url, max_bytes=source.size, client=self._s3)
+        return download_from_url(source.url, max_bytes=source.size, client=self._s3, stop=self.stop)
 
     def _score_loop(self, stop: threading.Event) -> None:
         while not stop.wait(self.settings.weights_interval_s):
@@ -225,6 +248,8 @@ class ValidatorDaemon:
                 continue
             try:
                 self.set_weights()
+            except Stopping:
+                return
             except Exception as error:  # a failed round must not stop the validator; the next one retries
                 self.metrics.round_failures += 1
                 log.warning("could not set weights this round: %s", error)
