@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -132,11 +133,9 @@ def run_miner(
     log_level: str | None = _LOG_LEVEL,
 ) -> None:
     """Run a miner: train the stage the orchestrator assigns, on this machine's GPU (or CPU)."""
-    import signal
-    import threading
-
     from common.config import WalletSettings
     from common.keys import WalletError, load_hotkey
+    from common.stopping import exit_now, stop_on_signals
     from miner.settings import MinerSettings
     from miner.worker import MinerWorker
 
@@ -148,10 +147,8 @@ def run_miner(
     except WalletError as error:
         console.print(f"[red]cannot start the miner:[/red] {error}")
         raise typer.Exit(2) from None
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    MinerWorker(settings, keypair).run(stop)
+    MinerWorker(settings, keypair, stop=stop_on_signals("miner")).run()
+    exit_now()  # stopped by itself: skip the interpreter's slow teardown (common.stopping)
 
 
 @app.command("validator")
@@ -161,12 +158,10 @@ def run_validator(
     log_level: str | None = _LOG_LEVEL,
 ) -> None:
     """Run a validator: replay shadowed miners' work, score them with CLASP, and set weights."""
-    import signal
-    import threading
-
     from common.chain import ChainError, make_chain
     from common.config import ChainSettings, WalletSettings
     from common.keys import WalletError, load_hotkey
+    from common.stopping import exit_now, stop_on_signals
     from validator.daemon import ValidatorDaemon
     from validator.settings import ValidatorSettings
 
@@ -180,10 +175,8 @@ def run_validator(
     except (WalletError, ChainError) as error:
         console.print(f"[red]cannot start the validator:[/red] {error}")
         raise typer.Exit(2) from None
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    ValidatorDaemon(settings, keypair, chain).run(stop)
+    ValidatorDaemon(settings, keypair, chain, stop=stop_on_signals("validator")).run()
+    exit_now()  # stopped by itself: skip the interpreter's slow teardown (common.stopping)
 
 
 _DEFAULT_SUMMARY = Path("devnet-summary.json")
@@ -209,11 +202,24 @@ def run_devnet_command(
     burn: float = typer.Option(0.0, min=0.0, max=1.0, help="Share of the weights set on the owner's uid 0."),
     summary: Path = typer.Option(_DEFAULT_SUMMARY, "--summary", help="Where to write the JSON."),
     workdir: Path = typer.Option(None, help="Keep state and logs here (default: a new temp folder)."),
+    status_interval: float = typer.Option(
+        10.0, min=0.1, help="Seconds between status lines when stdout is not a terminal (a log file, CI)."
+    ),
+    s3_endpoint: str = typer.Option(
+        None,
+        "--s3-endpoint",
+        help="Use this S3 store instead of the embedded one; credentials, bucket and region come from "
+        "IOTA_S3_* (the bucket is created if missing).",
+    ),
 ) -> None:
     """Run the whole network on this machine: S3, chain, orchestrator, miners and validators, with live
     progress."""
+    from contextlib import nullcontext
+
     from rich.live import Live
 
+    from common.config import S3Settings
+    from common.storage import StorageError
     from iota.devnet import DevnetOptions, parse_adversaries, run_devnet, write_summary
 
     try:
@@ -235,30 +241,47 @@ def run_devnet_command(
         validators=validators,
         validation_fraction=validation_fraction,
         burn_fraction=burn,
+        s3=S3Settings(endpoint_url=s3_endpoint) if s3_endpoint else None,
     )
+    # On a terminal one line updates in place; elsewhere (a log file, CI, nohup) Live would print nothing
+    # until the end, so the same line is printed anew every `status_interval` seconds.
+    live = Live(console=console, refresh_per_second=2, transient=False) if console.is_terminal else None
+    if live is None:
+        console.soft_wrap = True  # whole lines, as a log reader greps them: rich wraps at 80 columns off one
     console.print(
         f"[bold]iota devnet[/bold]: preset {preset}, {miners_per_stage} miner(s) per stage, "
         f"{len(behaviors)} adversaries, {validators} validator(s); starting S3, chain, orchestrator, miners "
         "and validators..."
     )
-    with Live(console=console, refresh_per_second=2, transient=False) as live:
+    printed_at = -status_interval
 
-        def progress(status: Any, loss: float | None, elapsed: float) -> None:
-            tokens = status.samples_completed * status.batch_size * status.seq_len
-            rate = tokens / elapsed if elapsed > 0 else 0.0
-            loss_text = f"{loss:.3f}" if loss is not None else "-"
-            live.update(
-                f"[{elapsed:5.0f} s] samples {status.samples_completed} done, {status.samples_in_flight} in "
-                f"flight, {status.samples_dropped} dropped | {rate:,.0f} tokens/s | loss {loss_text} | epoch "
-                f"{status.epoch} ({status.epoch_phase}), {status.merges_completed} stage merges"
-            )
+    def progress(status: Any, loss: float | None, elapsed: float) -> None:
+        nonlocal printed_at
+        tokens = status.samples_completed * status.batch_size * status.seq_len
+        rate = tokens / elapsed if elapsed > 0 else 0.0
+        loss_text = f"{loss:.3f}" if loss is not None else "-"
+        line = (
+            f"[{elapsed:5.0f} s] samples {status.samples_completed} done, {status.samples_in_flight} in "
+            f"flight, {status.samples_dropped} dropped | {rate:,.0f} tokens/s | loss {loss_text} | epoch "
+            f"{status.epoch} ({status.epoch_phase}), {status.merges_completed} stage merges"
+        )
+        if live is not None:
+            live.update(line)
+        elif elapsed - printed_at >= status_interval:
+            printed_at = elapsed
+            print(line, flush=True)
 
-        def started(net: Any) -> None:
-            console.print(
-                f"dashboard: [bold]{net.url}/dashboard[/bold]  metrics and endpoints: {net.endpoints_path}"
-            )
+    def started(net: Any) -> None:
+        console.print(
+            f"dashboard: [bold]{net.url}/dashboard[/bold]  metrics and endpoints: {net.endpoints_path}"
+        )
 
-        result = run_devnet(options, progress, on_start=started)
+    try:
+        with live or nullcontext():
+            result = run_devnet(options, progress, on_start=started)
+    except StorageError as error:  # the --s3-endpoint store refused us or could not be reached
+        console.print(f"[red]cannot use the S3 store:[/red] {error}")
+        raise typer.Exit(2) from None
     write_summary(result, summary)
     console.print(
         f"\ndone: {result['samples_completed']} samples, {result['tokens_per_s']:,.0f} tokens/s, loss "
@@ -287,26 +310,45 @@ def run_devnet_command(
         )
 
 
+class ExportFormat(StrEnum):
+    safetensors = "safetensors"  # one weights file and a JSON config, for `iota sample`
+    hf = "hf"  # a transformers checkpoint directory (iota/hf_export.py)
+
+
 @app.command("export")
 def run_export(
-    out: Path = typer.Option(..., "--out", help="Weights file to write (safetensors); config goes to .json."),
+    out: Path = typer.Option(
+        ..., "--out", help="safetensors: the weights file (config goes to .json); hf: the directory."
+    ),
     run_id: str = typer.Option(None, "--run", help="Run id (default: the one in the orchestrator's state)."),
     state: Path = typer.Option(None, "--state", help="Orchestrator state DB (default IOTA_ORCH_STATE_PATH)."),
+    fmt: ExportFormat = typer.Option(
+        ExportFormat.safetensors,
+        "--format",
+        help="safetensors (for iota sample) or hf (for transformers' AutoModelForCausalLM).",
+    ),
 ) -> None:
-    """Assemble the run's latest merged model from the bucket (IOTA_S3_*) into one safetensors file."""
+    """Assemble the run's latest merged model from the bucket (IOTA_S3_*) into one safetensors file, or
+    (--format hf) into a directory that transformers loads with trust_remote_code=True."""
     from common.config import S3Settings
     from common.storage import ObjectStore
     from iota.export import ExportError, export_model
 
     run_id = run_id or _run_id_from_state(state)
     try:
-        info = export_model(ObjectStore.from_settings(S3Settings()), run_id, out)
+        store = ObjectStore.from_settings(S3Settings())
+        if fmt is ExportFormat.hf:
+            from iota.hf_export import export_hf
+
+            info = export_hf(store, run_id, out)
+        else:
+            info = export_model(store, run_id, out)
     except ExportError as error:
         console.print(f"[red]cannot export:[/red] {error}")
         raise typer.Exit(2) from None
+    wrote = f"{info.path}/" if fmt is ExportFormat.hf else f"{info.path} and {info.config_path}"
     console.print(
-        f"wrote [bold]{info.path}[/bold] and {info.config_path}: run {info.run_id}, epoch {info.epoch}, "
-        f"{info.parameters:,} parameters"
+        f"wrote [bold]{wrote}[/bold]: run {info.run_id}, epoch {info.epoch}, {info.parameters:,} parameters"
     )
     table = Table("stage", "version")
     for stage, v in enumerate(info.versions):

@@ -1,14 +1,19 @@
 """`iota devnet`: the whole network on loopback, in one command.
 
-An embedded S3 server (in this process), a local chain with fresh hotkeys (uid 0 is the subnet owner, who
-receives the burn), the orchestrator, N miners per stage, extra misbehaving miners, and validators (each
-its own process, talking real HTTP), live progress, and a summary JSON at the end. The
-`Devnet` class is also what the end-to-end tests and `bench/pipeline.py` drive, so they exercise exactly
-what a user runs.
+An S3 server (moto, embedded in this process; or any store given by `--s3-endpoint`), a local chain with
+fresh hotkeys (uid 0 is the subnet owner, who receives the burn), the orchestrator, N miners per stage, extra
+misbehaving miners, and validators (each its own process, talking real HTTP), live progress, and a summary
+JSON at the end. The `Devnet` class is also what the end-to-end tests and `bench/pipeline.py` drive, so they
+exercise exactly what a user runs.
+
+Stopping: every child gets SIGTERM when the devnet process dies, however it dies (PR_SET_PDEATHSIG, on
+Linux), and `Devnet.stop` SIGKILLs what has not exited by its deadline. `run_devnet` takes SIGTERM as a stop
+at once (`_sigterm_stops`); Ctrl-C ends the training and waits for the validators (a second Ctrl-C skips it).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -23,6 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import httpx
@@ -30,15 +36,24 @@ import torch
 from safetensors import safe_open
 
 from common.chain import LocalChain
+from common.config import S3Settings
 from common.keys import create_hotkey
 from common.model import get_preset
 from common.protocol import EpochLedger, LossPage, LossRecord, MergeRecord, RunStatus
-from common.s3server import EmbeddedS3
+from common.s3server import EmbeddedS3, ExternalS3, settings_env
+from common.stopping import force_exit
 from common.storage import ObjectStore
 
 NETUID = 9
 BUCKET = "iota-devnet"
 WALLET = "devnet"
+_S3_SECRETS = ("IOTA_S3_ACCESS_KEY_ID", "IOTA_S3_SECRET_ACCESS_KEY")
+# The daemons promise to be gone within 10 s of SIGTERM (common.stopping); a process still there after
+# this long is SIGKILLed.
+STOP_TIMEOUT_S = 10.0
+# Once `iota devnet` itself gets SIGTERM, it is gone, with every process it started, within this long.
+DEVNET_STOP_DEADLINE_S = 9.0
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 @dataclass
@@ -60,6 +75,8 @@ class DevnetOptions:
     validation_fraction: float = 0.25  # chance that a miner's epoch is replayed
     burn_fraction: float = 0.0  # share of the weights validators set on the owner's uid 0
     weights_interval_s: float = 5.0
+    # An external store (`--s3-endpoint`), its bucket created if missing; None: embedded moto, bucket BUCKET.
+    s3: S3Settings | None = None
 
 
 # Each misbehaviour where it does something: a tail that lies about its loss at the tail; one that corrupts
@@ -82,6 +99,24 @@ def parse_adversaries(spec: str) -> list[str]:
     return behaviors
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that has the kernel send the child SIGTERM when the devnet process dies, even by
+    SIGKILL (None off Linux). prctl is looked up here, in the parent, so the forked child makes one plain C
+    call before exec. The signal comes when the *thread* that spawned the child exits: the devnet spawns
+    from its main thread."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent, sig = os.getpid(), int(signal.SIGTERM)
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, sig)
+        if os.getppid() != parent:  # the devnet died before the call: nobody would signal this child
+            os._exit(1)
+
+    return preexec
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -96,7 +131,7 @@ class Devnet:
         self.workdir = Path(options.workdir or tempfile.mkdtemp(prefix="iota-devnet-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "logs").mkdir(exist_ok=True)
-        self.s3 = EmbeddedS3("127.0.0.1")
+        self.s3: EmbeddedS3 | ExternalS3 = ExternalS3(options.s3) if options.s3 else EmbeddedS3("127.0.0.1")
         self.chain = LocalChain(self.workdir / "chain.json", NETUID, block_time_s=1.0)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -117,42 +152,51 @@ class Devnet:
     # -- lifecycle ----------------------------------------------------------------------------------------
 
     def __enter__(self) -> Devnet:
-        self.s3.start()
+        try:
+            self.s3.start()  # an external store: fails here on a wrong endpoint or credentials
+        except BaseException:
+            self.http.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @property
+    def s3_settings(self) -> S3Settings:
+        """The devnet's store: the external one as configured, else the embedded server and BUCKET."""
+        if isinstance(self.s3, ExternalS3):
+            return self.s3.settings()
+        return self.s3.settings(bucket=BUCKET)
+
+    def s3_credentials(self) -> dict[str, str]:
+        """The store's credentials as IOTA_S3_* variables, for the orchestrator alone: everyone else moves
+        bytes with the presigned URLs it hands out (`env` leaves them out)."""
+        env = settings_env(self.s3_settings)
+        return {k: env[k] for k in _S3_SECRETS}
+
     def stop(self) -> None:
-        """Miners first (each finishes its item, reports it and writes its files), then validators, then
-        the orchestrator."""
-        groups = [
-            list(self.miners.values()),
-            list(self.validators.values()),
-            [self.orchestrator] if self.orchestrator else [],
-        ]
-        for procs in groups:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 15
-            for proc in procs:
-                try:
-                    proc.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        """Miners and validators first (each reports or gives up its item, and writes its files, while the
+        orchestrator still answers), then the orchestrator; each group SIGKILLed after STOP_TIMEOUT_S."""
+        _terminate([*self.miners.values(), *self.validators.values()])
+        _terminate([self.orchestrator] if self.orchestrator else [])
         self.http.close()
         self.s3.stop()
 
+    def kill_all(self) -> None:
+        """SIGKILL every process of the network at once (the devnet's own stop ran past its deadline)."""
+        for proc in [*self.miners.values(), *self.validators.values(), self.orchestrator]:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+
     def env(self, **extra: str) -> dict[str, str]:
-        """The environment every devnet process gets: its own S3, chain and state, nothing from `.env`."""
+        """The environment every devnet process gets: its own S3 (without the credentials, which only the
+        orchestrator gets: `s3_credentials`), chain and state, nothing from `.env`."""
         o = self.options
         # IOTA_LOG_* (JSON logs, the level) carries through; nothing else of the caller's IOTA_ settings does.
         env = {k: v for k, v in os.environ.items() if not k.startswith("IOTA_") or k.startswith("IOTA_LOG_")}
+        env.update({k: v for k, v in settings_env(self.s3_settings).items() if k not in _S3_SECRETS})
         env.update(
-            IOTA_S3_ENDPOINT_URL=self.s3.endpoint_url,
-            IOTA_S3_BUCKET=BUCKET,
             IOTA_CHAIN_BACKEND="local",
             IOTA_CHAIN_LOCAL_PATH=str(self.workdir / "chain.json"),
             IOTA_CHAIN_NETUID=str(NETUID),
@@ -193,6 +237,8 @@ class Devnet:
     ) -> subprocess.Popen[bytes]:
         log = (self.workdir / "logs" / f"{name}.log").open("ab")
         # cwd is the workdir, so no `.env` of the user's checkout leaks into the devnet.
+        # Its own session: a Ctrl-C in the terminal reaches only the devnet, which stops the processes in
+        # order. _die_with_parent: none outlives the devnet.
         return subprocess.Popen(
             [*(entry or [sys.executable, "-m", "iota.cli"]), *args],
             cwd=self.workdir,
@@ -200,10 +246,11 @@ class Devnet:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent(),
         )
 
     def start_orchestrator(self, timeout_s: float = 60.0) -> None:
-        self.orchestrator = self._spawn("orchestrator", ["orchestrator"], self.env())
+        self.orchestrator = self._spawn("orchestrator", ["orchestrator"], self.env(**self.s3_credentials()))
         self.wait_healthy(timeout_s)
         self.write_endpoints()
 
@@ -352,16 +399,8 @@ class Devnet:
         self.miners[name].send_signal(signal.SIGTERM)
         self.miners[name].wait(timeout_s)
 
-    def stop_miners(self, timeout_s: float = 30.0) -> None:
-        for proc in self.miners.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.miners.values():
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    def stop_miners(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        _terminate(list(self.miners.values()), timeout_s)
 
     def finish_validation(self, stall_s: float = 180.0, give_up: threading.Event | None = None) -> bool:
         """Wait until every replay task is judged (or expired), then for each validator's next round of
@@ -437,7 +476,7 @@ class Devnet:
         """The latest checkpoint as `<workdir>/model.safetensors` (the devnet's bucket dies with it)."""
         from iota.export import ExportError, export_model
 
-        store = ObjectStore.from_settings(self.s3.settings(bucket=BUCKET))
+        store = ObjectStore.from_settings(self.s3_settings)
         out = self.workdir / "model.safetensors"
         try:
             export_model(store, run_id, out)
@@ -472,6 +511,20 @@ class Devnet:
                 if proc.poll() not in (None, -signal.SIGKILL):
                     raise RuntimeError(f"{name} exited with {proc.returncode}; see its log in {self.workdir}")
             time.sleep(poll_s)
+
+
+def _terminate(procs: list[subprocess.Popen[bytes]], timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM every process of `procs` at once, and SIGKILL those still running after `timeout_s`."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def summarize(
@@ -544,7 +597,9 @@ def run_devnet(
 ) -> dict[str, Any]:
     """Run a devnet to its duration or sample count and return the summary. `on_start` is called once
     the orchestrator answers (its dashboard and `endpoints.json` exist), before the miners join."""
-    with Devnet(options) as net:
+    skip = threading.Event()  # set: do not wait for the validators
+    with _sigterm_stops(skip) as term, Devnet(options) as net:
+        term.net = net
         n_stages = options.stages or get_preset(options.preset).n_stages
         behaviors = ["honest"] * (n_stages * options.miners_per_stage) + options.behaviors
         threads = options.torch_threads or default_threads(len(behaviors))
@@ -567,7 +622,7 @@ def run_devnet(
                 time.sleep(1.0)
         except KeyboardInterrupt:
             pass
-        skip = threading.Event()
+        term.training = False
         with _ctrl_c_sets(skip):  # from here on, Ctrl-C only skips the wait for the validators
             duration = time.monotonic() - start
             status = net.status()
@@ -583,6 +638,49 @@ def run_devnet(
             summary["workdir"] = str(net.workdir)
             summary["export"] = net.export_model(status.run_id) if status.merges_completed else None
         return summary
+
+
+class _Terminate:
+    """What SIGTERM does to a running devnet: stop at once, as an operator or a supervisor asking it to
+    expects. During the training it ends the training (as Ctrl-C does); in any case the wait for the
+    validators is skipped, and if the devnet has not exited DEVNET_STOP_DEADLINE_S later, or a second
+    SIGTERM comes, every process is SIGKILLed and the devnet exits."""
+
+    def __init__(self, skip: threading.Event) -> None:
+        self.skip, self.training, self.received = skip, True, False
+        self.net: Devnet | None = None
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received:
+            self.kill("a second SIGTERM while stopping")
+        self.received = True
+        self.skip.set()
+        why = f"still running {DEVNET_STOP_DEADLINE_S:.0f} s after SIGTERM"
+        timer = threading.Timer(DEVNET_STOP_DEADLINE_S, self.kill, (why,))
+        timer.daemon = True
+        timer.start()
+        if self.training:
+            raise KeyboardInterrupt
+
+    def kill(self, why: str) -> None:
+        if self.net is not None:
+            self.net.kill_all()
+        force_exit("devnet", signal.SIGTERM, why)
+
+
+@contextmanager
+def _sigterm_stops(skip: threading.Event) -> Iterator[_Terminate]:
+    """Inside, SIGTERM stops the devnet (`_Terminate`); only the main thread takes signals, so elsewhere
+    SIGTERM keeps its default."""
+    term = _Terminate(skip)
+    if threading.current_thread() is not threading.main_thread():
+        yield term
+        return
+    previous = signal.signal(signal.SIGTERM, term.handle)
+    try:
+        yield term
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

@@ -128,6 +128,9 @@ COVERED = [
     (r"NANIO_ACCESS_KEY=\S+ NANIO_SECRET_KEY=\S+ nanio serve .*", "tests/test_s3_verify.py"),
     (r"iota devnet --s3-endpoint \S+", "tests/test_s3_verify.py"),
     (r"\./devnet\.sh( .*)?", "tests/test_operating_e2e.py"),
+    # Started, SIGKILLed and restarted by PM2, and stopped, for the miner and the validator.
+    (r"pm2 (start pm2/(miner|validator)\.config\.js|stop iota-(miner|validator))", "tests/test_pm2_e2e.py"),
+    (r"python bench/s3_servers\.py( .*)?", "tests/test_bench_s3_servers.py"),
     # Each start script against missing prerequisites, with the checks skipped, and the miner's check passing.
     (r"(IOTA_\w+=\S+ )*\./start_(miner|validator|orchestrator)\.sh", "tests/test_start_scripts.py"),
     (r"iota check (miner|validator|orchestrator)", "tests/test_start_scripts.py"),
@@ -148,8 +151,9 @@ EXCUSED = [
         "installs packages for minutes and writes .env; the dev role runs in every CI run",
     ),
     (
-        r"pm2 .*",
-        "starts or controls daemons under PM2; the process files are checked by test_pm2_process_files",
+        r"pm2 (logs|save|start iota-\w+|start pm2/orchestrator\.config\.js|stop iota-orchestrator) ?.*",
+        "controls daemons under PM2 (the orchestrator's process file is the miner's and the validator's, "
+        "which tests/test_pm2_e2e.py starts, restarts and stops, with another role)",
     ),
     (r"btcli .*", _CHAIN),
     (r"curl .*", _RUNNING),
