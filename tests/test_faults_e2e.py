@@ -11,10 +11,10 @@ sync. The faults, in order:
 4. the same miner's clock set beyond the freshness window: it says so in one clear line, completes nothing,
    and is back at work once the clock is right;
 5. S3 answering 503 for a while, then holding connections without answering, then healthy again;
-6. the orchestrator SIGKILLed mid-merge and restarted: the merge completes or rolls back cleanly;
-7. the run replaced (a new state file): every miner registers with the new run and trains on.
+6. the orchestrator SIGKILLed mid-merge and restarted: the merge completes or rolls back cleanly.
 
-A miner killed during a merge is `tests/test_merge_e2e.py`'s.
+A miner killed during a merge is `tests/test_merge_e2e.py`'s; the run replaced by a new state file is
+`tests/test_network_e2e.py`'s.
 """
 
 from __future__ import annotations
@@ -328,16 +328,3 @@ def test_the_run_survives_each_fault_and_its_accounting_stays_exact(run: Faults)
     # Pathways varied across both replicas of every stage.
     for stage, keys in replicas.items():
         assert {r.pathway[stage] for r in losses} == set(keys), stage
-
-    # Last, the operator replaces the run (a new state file): every miner is told its run is gone,
-    # registers with the new one and trains on; none exits.
-    with run.timed("a new run"):
-        net.kill_orchestrator()
-        for suffix in ("", "-wal", "-shm"):
-            (net.workdir / f"orchestrator.sqlite{suffix}").unlink(missing_ok=True)
-        net.start_orchestrator()
-        # Each miner registers again on its own schedule (one in its retry back-off comes later).
-        second = net.wait_for(lambda s: s.samples_completed >= 3 and len(s.miners) == 6, timeout_s=120)
-    assert second.run_id != final.run_id
-    assert all(proc.poll() is None for proc in net.miners.values())
-    assert sorted(m.stage for m in second.miners) == [0, 0, 1, 1, 2, 2]

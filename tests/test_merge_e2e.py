@@ -1,6 +1,6 @@
 """Merging on the whole network (`iota devnet`: separate processes, real HTTP, real S3): replicas end
-bitwise identical, a miner killed mid-merge rejoins from the checkpoint, and the checkpoint exports to a
-model that `iota sample` runs."""
+bitwise identical past a lying reducer and the checkpoint exports to a model that `iota sample` runs; a
+miner killed mid-merge rejoins from the checkpoint. Each is its own network, about one thing."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from common.merge import flatten
-from common.protocol import RunStatus
+from common.protocol import MergeRecord, RunStatus
 from iota.devnet import Devnet, DevnetOptions
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -53,15 +53,62 @@ def two_per_stage(tmp_path: Path, samples: int, *, merge_every: int, **env: str)
     )  # fmt: skip
 
 
-def test_replicas_merge_to_identical_weights_past_a_lying_reducer_and_a_killed_miner(tmp_path: Path) -> None:
-    """One network run, two replicas per stage, one of them a reducer that lies:
+def check_records(records: list[MergeRecord], stage_of: dict[str, int]) -> None:
+    """Every merge merged, with only the stage's replicas taking part; one may be left out (dead, or it
+    trained nothing in an epoch cut short) and named, and a merge of one is still a merge."""
+    for r in records:
+        replicas = {hk for hk, st in stage_of.items() if st == r.stage}
+        assert r.outcome == "merged" and r.participants, r
+        assert set(r.participants) | set(r.excluded) <= replicas, r
+        assert r.participants.keys().isdisjoint(r.excluded), r
 
-    - the lie is caught and settled in every merge the liar takes part in, and nobody else is flagged;
-    - a miner of another stage, SIGKILLed as the first epoch stops training, is left out of that merge (its
-      partner merges alone), then restarts, loads the stage's checkpoint and takes part in a later merge;
-    - at the end every stage's replicas are bitwise identical, and the checkpoint exports to exactly their
-      weights and samples text.
-    """
+
+def assert_replicas_identical(net: Devnet) -> dict[int, list[torch.Tensor]]:
+    replicas = replicas_by_stage(net)
+    for stage, weights in replicas.items():
+        assert len(weights) == 2 and torch.equal(weights[0], weights[1]), f"stage {stage} replicas differ"
+    return replicas
+
+
+def test_replicas_merge_to_identical_weights_past_a_lying_reducer_and_the_checkpoint_exports(
+    tmp_path: Path,
+) -> None:
+    """Two replicas per stage, one of them a reducer that lies: the lie is caught and settled in every merge
+    the liar takes part in, nobody else is flagged, every stage's replicas end bitwise identical, and the
+    checkpoint exports to exactly their weights and samples text."""
+    samples = 24  # two epochs of 12; the last merges as soon as all the samples are done
+    options = two_per_stage(tmp_path, samples, merge_every=12)
+    with Devnet(options) as net:
+        net.launch(["honest"] * 5 + ["wrong-reduce"], threads=1, timeout_s=90)
+        stage_of = {m.hotkey: m.stage for m in net.status().miners}
+        liar = next(hk for hk, b in net.behaviors.items() if b == "wrong-reduce")
+        status = net.wait_for(lambda s: merged_after_training(s, samples, 6), timeout_s=240)
+        records = net.merges()
+        assert status.merges_rolled_back == 0, records
+        check_records(records, stage_of)
+        lied = [r for r in records if liar in r.participants]
+        assert lied and all(r.settled >= 1 for r in lied), lied
+        assert all({f.hotkey for f in r.flagged} == {liar} for r in lied)  # flagged, and nobody else
+        assert not any(r.flagged for r in records if liar not in r.participants)
+
+        export = tmp_path / "model.safetensors"
+        done = iota(net, "export", "--out", str(export), "--run", status.run_id)
+        assert done.returncode == 0, done.stdout + done.stderr
+        exported = load_file(export)
+        for stage, weights in assert_replicas_identical(net).items():
+            prefix = f"stages.{stage}."
+            mine = {k[len(prefix) :]: v for k, v in exported.items() if k.startswith(prefix)}
+            assert torch.equal(flatten(mine), weights[0]), f"the export of stage {stage} is not the replicas'"
+
+        done = iota(net, "sample", "--checkpoint", str(export), "--prompt", "def ", "--max-new-tokens", "40")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert len(done.stdout.strip()) > 0
+
+
+def test_a_miner_killed_during_a_merge_is_left_out_and_rejoins_from_the_checkpoint(tmp_path: Path) -> None:
+    """A miner SIGKILLed as the first epoch stops training is left out of that merge (its partner merges
+    alone), then restarts, loads the stage's checkpoint and takes part in a later merge; at the end its
+    stage's replicas are bitwise identical."""
     # Epochs of 12 (more where a drain finishes extra), enough of them for the restarted miner to train in
     # one; the last epoch merges as soon as all the samples are done.
     samples = 48
@@ -69,10 +116,9 @@ def test_replicas_merge_to_identical_weights_past_a_lying_reducer_and_a_killed_m
         tmp_path, samples, merge_every=12, IOTA_ORCH_MERGE_PHASE_TIMEOUT_S="4", IOTA_ORCH_MINER_TIMEOUT_S="6"
     )
     with Devnet(options) as net:
-        net.launch(["honest"] * 5 + ["wrong-reduce"], threads=1, timeout_s=90)
+        net.launch(["honest"] * 6, threads=1, timeout_s=90)
         stage_of = {m.hotkey: m.stage for m in net.status().miners}
-        liar = next(hk for hk, b in net.behaviors.items() if b == "wrong-reduce")
-        victim = next(n for n, hk in net.hotkeys.items() if stage_of[hk] != stage_of[liar])
+        victim = next(iter(net.hotkeys))
         victim_key, victim_stage = net.hotkeys[victim], stage_of[net.hotkeys[victim]]
         partner = next(hk for hk, st in stage_of.items() if st == victim_stage and hk != victim_key)
         # Kill it as soon as the first epoch stops training: it dies before or inside its stage's merge.
@@ -87,35 +133,11 @@ def test_replicas_merge_to_identical_weights_past_a_lying_reducer_and_a_killed_m
         status = net.wait_for(lambda s: merged_after_training(s, samples, 3 * max(2, s.epoch)), timeout_s=240)
         records = net.merges()
         assert status.merges_rolled_back == 0, records
-        for r in records:
-            # Only the stage's replicas take part; one may be left out (dead, or it trained nothing in an
-            # epoch cut short), and a merge of one is still a merge.
-            replicas = {hk for hk, st in stage_of.items() if st == r.stage}
-            assert r.outcome == "merged" and r.participants, r
-            assert set(r.participants) | set(r.excluded) <= replicas, r
-            assert r.participants.keys().isdisjoint(r.excluded), r
+        check_records(records, stage_of)
+        assert not any(r.flagged for r in records)
         # The restarted miner loaded the checkpoint and merged again with its partner.
         assert "loaded the checkpoint of stage" in (net.workdir / "logs" / f"{victim}.log").read_text()
         assert any(
             r.stage == victim_stage and sorted(r.in_sync) == sorted([victim_key, partner]) for r in records
         ), records
-        lied = [r for r in records if liar in r.participants]
-        assert lied and all(r.settled >= 1 for r in lied), lied
-        assert all({f.hotkey for f in r.flagged} == {liar} for r in lied)  # flagged, and nobody else
-        assert not any(r.flagged for r in records if liar not in r.participants)
-
-        export = tmp_path / "model.safetensors"
-        done = iota(net, "export", "--out", str(export), "--run", status.run_id)
-        assert done.returncode == 0, done.stdout + done.stderr
-        exported = load_file(export)
-
-        replicas = replicas_by_stage(net)
-        for stage, weights in replicas.items():
-            assert len(weights) == 2 and torch.equal(weights[0], weights[1]), f"stage {stage} replicas differ"
-            prefix = f"stages.{stage}."
-            mine = {k[len(prefix) :]: v for k, v in exported.items() if k.startswith(prefix)}
-            assert torch.equal(flatten(mine), weights[0]), f"the export of stage {stage} is not the replicas'"
-
-        done = iota(net, "sample", "--checkpoint", str(export), "--prompt", "def ", "--max-new-tokens", "40")
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert len(done.stdout.strip()) > 0
+        assert_replicas_identical(net)

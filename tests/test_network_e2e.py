@@ -87,3 +87,23 @@ def test_pipeline_over_the_network_equals_single_process_training(tmp_path: Path
             torch.testing.assert_close(snapshots[s][name], value, rtol=0, atol=1e-6, msg=f"stage {s} {name}")
             changed += int(not torch.equal(value, IotaModel(cfg, seed=0).stages[s].state_dict()[name]))
         assert changed > 0  # the weights did train: the comparison is not between two initialisations
+
+
+def test_miners_resync_with_a_new_run_instead_of_exiting(tmp_path: Path) -> None:
+    """The operator replaces the run (a new state file): every miner is told its run is gone, registers
+    with the new one, and trains on; none exits."""
+    options = DevnetOptions(batch_size=4, seq_len=64, workdir=tmp_path)
+    net = start(options, miners=3)
+    try:
+        first = net.wait_for(lambda s: s.samples_completed >= 3, timeout_s=90)
+        net.kill_orchestrator()
+        for suffix in ("", "-wal", "-shm"):
+            (tmp_path / f"orchestrator.sqlite{suffix}").unlink(missing_ok=True)
+        net.start_orchestrator()
+        # Each miner registers again on its own schedule (one in its retry back-off comes later).
+        second = net.wait_for(lambda s: s.samples_completed >= 3 and len(s.miners) == 3, timeout_s=120)
+        assert all(proc.poll() is None for proc in net.miners.values())
+    finally:
+        net.stop()
+    assert second.run_id != first.run_id
+    assert sorted(m.stage for m in second.miners) == [0, 1, 2]

@@ -24,7 +24,10 @@ def test_cheaters_end_below_five_percent_of_honest_weight_and_honest_miners_are_
         miners_per_stage=1,
         batch_size=4,
         seq_len=64,
-        duration_s=60.0,
+        # A sample count, not a time: the run ends when 48 samples are done, whatever the machine's speed,
+        # and since training pauses while an epoch merges, by then epochs 0 and 1 have merged every stage.
+        duration_s=None,
+        samples=48,
         merge_every=16,
         workdir=tmp_path,
         behaviors=ADVERSARIES,

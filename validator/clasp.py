@@ -23,7 +23,8 @@ The estimator, on the orchestrator's loss log (`common.protocol.LossRecord`):
      partial residuals. The mean, not a median, because a miner that corrupts a fraction f of its
      outputs by D nats moves the mean by f*D but barely moves the median; the clip bounds what one
      outlying sample (a freak text, a hostile tail) can do. At the measured spread of honest per-sample
-     losses (0.49 nats) the clip is about 3 nats, above the 2.0 nats that random outputs cost on average.
+     losses (about 0.5 nats) the clip is about 3 nats, above the 0.7 to 2.2 nats that random outputs cost
+     on average in the measured runs (docs/clasp.md).
    - centering: effects are made relative to a reference miner at the stage, the *lower median* of the
      raw effects of the miners with at least `min_samples` samples (all miners if none has). It is the
      median for an odd count, so with three or more miners one bad miner cannot drag the baseline; for an
