@@ -54,6 +54,11 @@ STOP_TIMEOUT_S = 10.0
 # Once `iota devnet` itself gets SIGTERM, it is gone, with every process it started, within this long.
 DEVNET_STOP_DEADLINE_S = 9.0
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+# The epoch clock ticks about once a second: a state that holds this long has seen at least two ticks.
+SETTLE_S = 3.0
+# How long a run bounded by `samples` waits for its last merge (the devnet's drain and merge phase
+# timeouts, 20 s each, and some).
+LAST_MERGE_TIMEOUT_S = 90.0
 
 
 @dataclass
@@ -497,6 +502,29 @@ class Devnet:
             page = self.loss_page(page.next_after)
         return records
 
+    def wait_for_last_merge(self, samples: int, timeout_s: float) -> RunStatus:
+        """Once the `samples` of a bounded run are done, the orchestrator merges the epoch that holds the
+        last of them at once; wait until that merge is over: nothing in flight, training, every epoch
+        before the current one merged (or rolled back), and all of it still so SETTLE_S later. The wait
+        covers the race where the epoch clock has not yet ended an epoch that trained its last samples:
+        it does so at its next tick, about a second later."""
+
+        def settled(s: RunStatus) -> bool:
+            return (
+                s.samples_completed + s.samples_dropped >= samples
+                and not s.samples_in_flight + s.samples_waiting_retry
+                and s.epoch_phase == "training"
+                and s.merges_completed + s.merges_rolled_back >= s.n_stages * s.epoch
+            )
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            first = self.wait_for(settled, max(0.0, deadline - time.monotonic()))
+            time.sleep(SETTLE_S)
+            again = self.status()
+            if settled(again) and again.epoch == first.epoch:
+                return again
+
     def wait_for(
         self, predicate: Callable[[RunStatus], bool], timeout_s: float, poll_s: float = 0.5
     ) -> RunStatus:
@@ -611,6 +639,8 @@ def run_devnet(
                 elapsed = time.monotonic() - start
                 status = net.status()
                 if options.samples and status.samples_completed + status.samples_dropped >= options.samples:
+                    if options.merge_every:  # the summary and the export hold all the run's work
+                        _wait_for_last_merge(net, options.samples)
                     break
                 if options.duration_s and elapsed >= options.duration_s:
                     break
@@ -638,6 +668,13 @@ def run_devnet(
             summary["workdir"] = str(net.workdir)
             summary["export"] = net.export_model(status.run_id) if status.merges_completed else None
         return summary
+
+
+def _wait_for_last_merge(net: Devnet, samples: int) -> None:
+    try:
+        net.wait_for_last_merge(samples, LAST_MERGE_TIMEOUT_S)
+    except TimeoutError:
+        print(f"the run's last merge did not finish within {LAST_MERGE_TIMEOUT_S:.0f} s", flush=True)
 
 
 class _Terminate:

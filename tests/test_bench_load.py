@@ -31,5 +31,6 @@ def test_load_bench_loses_nothing_and_reports_the_named_figures(tmp_path: Path) 
     assert result["rps"] > 0 and result["items_per_s"] > 0
     assert {"/v1/work/next", "/v1/work/complete"} <= set(result["requests_by_route"])
     # Latency leaves out the time a long poll waited for work (up to 5 s here): what remains is the
-    # orchestrator's own time, far below the wait.
-    assert 0 < result["p50_ms"] <= result["p99_ms"] < 2_000
+    # orchestrator's own time, far below the wait (tens of ms here). The bound is the wait itself, not a
+    # speed target (those are the bench's figures): a slow, loaded CI machine stays far inside it.
+    assert 0 < result["p50_ms"] <= result["p99_ms"] < 5_000
