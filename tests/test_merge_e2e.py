@@ -66,7 +66,8 @@ def test_replicas_merge_to_identical_weights_past_a_lying_reducer_and_the_checkp
     """Two replicas per stage, one of them a reducer that lies: the lie is caught and settled in every merge
     the liar takes part in, nobody else is flagged, every stage's replicas end bitwise identical, and the
     checkpoint exports to exactly their weights and samples text."""
-    samples = 24  # two epochs of 12; the last merges as soon as all the samples are done
+    # Epochs of 12 and what the drain finishes beyond; the last merges as soon as all the samples are done.
+    samples = 30
     options = two_per_stage(tmp_path, samples, merge_every=12)
     with Devnet(options) as net:
         net.launch(["honest"] * 5 + ["wrong-reduce"], threads=1, timeout_s=90)
@@ -76,10 +77,12 @@ def test_replicas_merge_to_identical_weights_past_a_lying_reducer_and_the_checkp
         records = net.merges()
         assert status.merges_completed >= 6 and status.merges_rolled_back == 0, records
         check_records(records, stage_of)
-        lied = [r for r in records if liar in r.participants]
+        # Where the liar reduced: every participant of a merge of two or more reduces two partitions; a merge
+        # of which it is the only participant has nothing to reduce.
+        lied = [r for r in records if liar in r.participants and len(r.participants) >= 2]
         assert lied and all(r.settled >= 1 for r in lied), lied
         assert all({f.hotkey for f in r.flagged} == {liar} for r in lied)  # flagged, and nobody else
-        assert not any(r.flagged for r in records if liar not in r.participants)
+        assert not any(r.flagged for r in records if r not in lied)
 
         export = tmp_path / "model.safetensors"
         done = iota(net, "export", "--out", str(export), "--run", status.run_id)
