@@ -219,6 +219,7 @@ def run_devnet_command(
     from rich.live import Live
 
     from common.config import S3Settings
+    from common.stopping import exit_now
     from common.storage import StorageError
     from iota.devnet import DevnetOptions, parse_adversaries, run_devnet, write_summary
 
@@ -308,6 +309,9 @@ def run_devnet_command(
             f"the merged model: {result['export']}; try "
             f"[bold]iota sample --checkpoint {result['export']} --prompt 'def '[/bold]"
         )
+    # Every process of the network has stopped and the summary is written: skip the interpreter's teardown
+    # of torch (seconds), which would otherwise run into the stop deadline after a Ctrl-C or SIGTERM.
+    exit_now()
 
 
 class ExportFormat(StrEnum):

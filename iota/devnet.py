@@ -7,8 +7,9 @@ JSON at the end. The `Devnet` class is also what the end-to-end tests and `bench
 exercise exactly what a user runs.
 
 Stopping: every child gets SIGTERM when the devnet process dies, however it dies (PR_SET_PDEATHSIG, on
-Linux), and `Devnet.stop` SIGKILLs what has not exited by its deadline. `run_devnet` takes SIGTERM as a stop
-at once (`_sigterm_stops`); Ctrl-C ends the training and waits for the validators (a second Ctrl-C skips it).
+Linux), and `Devnet.stop` SIGKILLs what has not exited by its deadline. `run_devnet` takes SIGTERM and Ctrl-C
+(SIGINT) alike as a stop at once (`_signals_stop`): the training ends, the wait for the validators is
+skipped, and the summary is still written.
 """
 
 from __future__ import annotations
@@ -626,7 +627,7 @@ def run_devnet(
     """Run a devnet to its duration or sample count and return the summary. `on_start` is called once
     the orchestrator answers (its dashboard and `endpoints.json` exist), before the miners join."""
     skip = threading.Event()  # set: do not wait for the validators
-    with _sigterm_stops(skip) as term, Devnet(options) as net:
+    with _signals_stop(skip) as term, Devnet(options) as net:
         term.net = net
         n_stages = options.stages or get_preset(options.preset).n_stages
         behaviors = ["honest"] * (n_stages * options.miners_per_stage) + options.behaviors
@@ -653,20 +654,20 @@ def run_devnet(
         except KeyboardInterrupt:
             pass
         term.training = False
-        with _ctrl_c_sets(skip):  # from here on, Ctrl-C only skips the wait for the validators
-            duration = time.monotonic() - start
-            status = net.status()
-            net.stop_miners()
-            summary = summarize(options, status, net.losses(), duration, len(behaviors))
-            summary["behaviors"] = dict(net.behaviors)
-            if options.validators:
+        duration = time.monotonic() - start
+        status = net.status()
+        net.stop_miners()
+        summary = summarize(options, status, net.losses(), duration, len(behaviors))
+        summary["behaviors"] = dict(net.behaviors)
+        if options.validators:
+            if not skip.is_set():
                 print(
                     "waiting for the validators to judge the last replays and set weights (Ctrl-C skips)",
                     flush=True,
                 )
-                summary.update(validation_summary(net, net.finish_validation(give_up=skip)))
-            summary["workdir"] = str(net.workdir)
-            summary["export"] = net.export_model(status.run_id) if status.merges_completed else None
+            summary.update(validation_summary(net, net.finish_validation(give_up=skip)))
+        summary["workdir"] = str(net.workdir)
+        summary["export"] = net.export_model(status.run_id) if status.merges_completed else None
         return summary
 
 
@@ -678,60 +679,48 @@ def _wait_for_last_merge(net: Devnet, samples: int) -> None:
 
 
 class _Terminate:
-    """What SIGTERM does to a running devnet: stop at once, as an operator or a supervisor asking it to
-    expects. During the training it ends the training (as Ctrl-C does); in any case the wait for the
-    validators is skipped, and if the devnet has not exited DEVNET_STOP_DEADLINE_S later, or a second
-    SIGTERM comes, every process is SIGKILLed and the devnet exits."""
+    """What SIGTERM or SIGINT does to a running devnet: stop at once, as an operator at the terminal, a
+    supervisor or a CI timeout asking it to expects. During the training it ends the training; in any case
+    the wait for the validators is skipped, and if the devnet has not exited DEVNET_STOP_DEADLINE_S later,
+    or a second signal comes, every process is SIGKILLed and the devnet exits."""
 
     def __init__(self, skip: threading.Event) -> None:
         self.skip, self.training, self.received = skip, True, False
         self.net: Devnet | None = None
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
         if self.received:
-            self.kill("a second SIGTERM while stopping")
+            self.kill(signum, f"a second signal ({name}) while stopping")
         self.received = True
         self.skip.set()
-        why = f"still running {DEVNET_STOP_DEADLINE_S:.0f} s after SIGTERM"
-        timer = threading.Timer(DEVNET_STOP_DEADLINE_S, self.kill, (why,))
+        why = f"still running {DEVNET_STOP_DEADLINE_S:.0f} s after {name}"
+        timer = threading.Timer(DEVNET_STOP_DEADLINE_S, self.kill, (signum, why))
         timer.daemon = True
         timer.start()
         if self.training:
             raise KeyboardInterrupt
 
-    def kill(self, why: str) -> None:
+    def kill(self, signum: int, why: str) -> None:
         if self.net is not None:
             self.net.kill_all()
-        force_exit("devnet", signal.SIGTERM, why)
+        force_exit("devnet", signum, why)
 
 
 @contextmanager
-def _sigterm_stops(skip: threading.Event) -> Iterator[_Terminate]:
-    """Inside, SIGTERM stops the devnet (`_Terminate`); only the main thread takes signals, so elsewhere
-    SIGTERM keeps its default."""
+def _signals_stop(skip: threading.Event) -> Iterator[_Terminate]:
+    """Inside, SIGTERM and SIGINT stop the devnet (`_Terminate`); only the main thread takes signals, so
+    elsewhere they keep their defaults."""
     term = _Terminate(skip)
     if threading.current_thread() is not threading.main_thread():
         yield term
         return
-    previous = signal.signal(signal.SIGTERM, term.handle)
+    previous = {sig: signal.signal(sig, term.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield term
     finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
-def _ctrl_c_sets(event: threading.Event) -> Iterator[None]:
-    """Inside, SIGINT sets `event` instead of raising KeyboardInterrupt (only the main thread takes
-    signals; elsewhere this does nothing)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, lambda *_: event.set())
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def write_summary(summary: dict[str, Any], path: Path) -> None:
