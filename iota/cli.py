@@ -110,6 +110,7 @@ def run_orchestrator(
     log_level: str | None = _LOG_LEVEL,
 ) -> None:
     """Run the orchestrator: stage assignment, work routing through S3, the run's record."""
+    from common.stopping import exit_now
     from orchestrator.server import build_orchestrator, serve
     from orchestrator.service import RunMismatch
 
@@ -121,6 +122,7 @@ def run_orchestrator(
         raise typer.Exit(2) from None
     settings = orch.settings
     serve(orch, host or settings.host, settings.port if port is None else port)
+    exit_now()  # stopped by itself: skip the interpreter's slow teardown (common.stopping)
 
 
 @app.command("miner")

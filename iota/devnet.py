@@ -49,6 +49,9 @@ NETUID = 9
 BUCKET = "iota-devnet"
 WALLET = "devnet"
 _S3_SECRETS = ("IOTA_S3_ACCESS_KEY_ID", "IOTA_S3_SECRET_ACCESS_KEY")
+# Where the store is: all of the devnet's S3 settings its processes get (the caller's other IOTA_S3_*, say a
+# size limit from a `.env`, stay out, as every other IOTA_ setting of the caller's does).
+_S3_PLACE = ("IOTA_S3_ENDPOINT_URL", "IOTA_S3_BUCKET", "IOTA_S3_REGION")
 # The daemons promise to be gone within 10 s of SIGTERM (common.stopping); a process still there after
 # this long is SIGKILLed.
 STOP_TIMEOUT_S = 10.0
@@ -201,7 +204,7 @@ class Devnet:
         o = self.options
         # IOTA_LOG_* (JSON logs, the level) carries through; nothing else of the caller's IOTA_ settings does.
         env = {k: v for k, v in os.environ.items() if not k.startswith("IOTA_") or k.startswith("IOTA_LOG_")}
-        env.update({k: v for k, v in settings_env(self.s3_settings).items() if k not in _S3_SECRETS})
+        env.update({k: v for k, v in settings_env(self.s3_settings).items() if k in _S3_PLACE})
         env.update(
             IOTA_CHAIN_BACKEND="local",
             IOTA_CHAIN_LOCAL_PATH=str(self.workdir / "chain.json"),
@@ -525,6 +528,8 @@ class Devnet:
             again = self.status()
             if settled(again) and again.epoch == first.epoch:
                 return again
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the run's last merge did not settle within {timeout_s} s: {again}")
 
     def wait_for(
         self, predicate: Callable[[RunStatus], bool], timeout_s: float, poll_s: float = 0.5
@@ -672,10 +677,12 @@ def run_devnet(
 
 
 def _wait_for_last_merge(net: Devnet, samples: int) -> None:
+    """Wait for the run's last merge; a merge that does not come (or a miner that died) ends the wait, not
+    the run: the summary says what was merged."""
     try:
         net.wait_for_last_merge(samples, LAST_MERGE_TIMEOUT_S)
-    except TimeoutError:
-        print(f"the run's last merge did not finish within {LAST_MERGE_TIMEOUT_S:.0f} s", flush=True)
+    except (TimeoutError, RuntimeError) as error:
+        print(f"not waiting for the run's last merge: {error}", flush=True)
 
 
 class _Terminate:
@@ -687,6 +694,7 @@ class _Terminate:
     def __init__(self, skip: threading.Event) -> None:
         self.skip, self.training, self.received = skip, True, False
         self.net: Devnet | None = None
+        self.deadline: threading.Timer | None = None
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
@@ -695,9 +703,9 @@ class _Terminate:
         self.received = True
         self.skip.set()
         why = f"still running {DEVNET_STOP_DEADLINE_S:.0f} s after {name}"
-        timer = threading.Timer(DEVNET_STOP_DEADLINE_S, self.kill, (signum, why))
-        timer.daemon = True
-        timer.start()
+        self.deadline = threading.Timer(DEVNET_STOP_DEADLINE_S, self.kill, (signum, why))
+        self.deadline.daemon = True
+        self.deadline.start()
         if self.training:
             raise KeyboardInterrupt
 
@@ -721,6 +729,10 @@ def _signals_stop(skip: threading.Event) -> Iterator[_Terminate]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        # Every process of the network has stopped: the deadline has nothing left to bound, and a caller
+        # that runs the devnet in its own process (a bench, a test) must not be killed after it returns.
+        if term.deadline is not None:
+            term.deadline.cancel()
 
 
 def write_summary(summary: dict[str, Any], path: Path) -> None:

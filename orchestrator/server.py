@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 from types import FrameType
 
@@ -86,4 +87,12 @@ def serve(orchestrator: Orchestrator, host: str, port: int) -> None:
         # their connections open rather than uvicorn's 5 s, so they are not re-opened (and raced) every item.
         timeout_keep_alive=75,
     )
-    _Server(config).run(sockets=[sock])
+    # uvicorn raises the stop signal again once it has shut down, under the handler it found: the default
+    # SIGINT one for both signals makes that a KeyboardInterrupt here, so a stop ends with exit status 0
+    # (PM2 stops with SIGINT) rather than a traceback or death by SIGTERM.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass

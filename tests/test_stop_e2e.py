@@ -239,8 +239,10 @@ def test_a_miner_stops_mid_item_and_the_orchestrator_keeps_what_it_acknowledged(
     """Stopped mid-item, a miner finishes the item or gives it up (reported failed, so it is requeued at
     once) and exits by itself; stopped while blocked on a stalled S3, the deadline ends it. Its completed
     items stay completed either way. Two replicas of stage 1, so that work flows after the first stop."""
+    # Items of 8 x 128 tokens: a forward takes long enough (tens of ms on a fast core) to be caught holding
+    # one; at 2 x 32 an idle machine finished each before the freeze could find it.
     options = DevnetOptions(
-        batch_size=2, seq_len=32, workdir=tmp_path, merge_every=0,
+        batch_size=8, seq_len=128, workdir=tmp_path, merge_every=0,
         extra_env={"IOTA_ORCH_REBALANCE_INTERVAL_S": "3600"},  # the replicas stay where they are put
     )  # fmt: skip
     with Devnet(options) as net:
@@ -306,8 +308,9 @@ def test_the_orchestrator_stops_with_long_polls_parked_and_restarts_whole(tmp_pa
         before = net.wait_for(lambda s: s.samples_completed >= 3 and s.samples_in_flight == 0, timeout_s=90)
         time.sleep(1.0)  # every miner back in its long poll, with no work to hand out
         assert net.orchestrator is not None
-        _, took = stop_and_time(net.orchestrator)
+        code, took = stop_and_time(net.orchestrator)
         assert took < STOP_PROMISE_S, f"{took:.1f} s"
+        assert code == 0  # it stopped by itself, not at its deadline (which exits 128 + the signal)
         with sqlite3.connect(net.workdir / "orchestrator.sqlite") as conn:
             assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         net.start_orchestrator()
