@@ -188,7 +188,7 @@ class NanioS3(_LocalS3):
         """Start nanio on a fresh port; True once it answers, False if it exited (the port was taken)
         and this is not the `last` try; raises if it does not answer in time."""
         assert self._dir is not None
-        self._port = _free_port(self._host)
+        self._port = free_port(self._host)
         log_path = self._dir / "nanio.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("NANIO_")}
         env.update(NANIO_ACCESS_KEY=self._access_key, NANIO_SECRET_KEY=self._secret_key)
@@ -274,7 +274,8 @@ def settings_env(settings: S3Settings) -> dict[str, str]:
     return env
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = DEFAULT_HOST) -> int:
+    """A port that was free on `host` a moment ago (the OS picks it)."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])

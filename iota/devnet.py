@@ -18,7 +18,6 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ from common.config import S3Settings
 from common.keys import create_hotkey
 from common.model import get_preset
 from common.protocol import EpochLedger, LossPage, LossRecord, MergeRecord, RunStatus
-from common.s3server import EmbeddedS3, ExternalS3, settings_env
+from common.s3server import EmbeddedS3, ExternalS3, free_port, settings_env
 from common.stopping import force_exit
 from common.storage import ObjectStore
 
@@ -126,12 +125,6 @@ def _die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Devnet:
     """The processes of a local network; a context manager that always stops them all."""
 
@@ -142,7 +135,7 @@ class Devnet:
         (self.workdir / "logs").mkdir(exist_ok=True)
         self.s3: EmbeddedS3 | ExternalS3 = ExternalS3(options.s3) if options.s3 else EmbeddedS3("127.0.0.1")
         self.chain = LocalChain(self.workdir / "chain.json", NETUID, block_time_s=1.0)
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.orchestrator: subprocess.Popen[bytes] | None = None
         self.miners: dict[str, subprocess.Popen[bytes]] = {}  # hotkey name -> process
@@ -282,7 +275,7 @@ class Devnet:
         tmp.replace(self.endpoints_path)
 
     def _metrics_env(self, role: str, name: str) -> dict[str, str]:
-        port = self.metrics_ports.setdefault(name, _free_port())  # a restarted process keeps its port
+        port = self.metrics_ports.setdefault(name, free_port())  # a restarted process keeps its port
         return {f"IOTA_{role}_METRICS_PORT": str(port), f"IOTA_{role}_METRICS_HOST": "127.0.0.1"}
 
     def wait_healthy(self, timeout_s: float = 60.0) -> None:
