@@ -22,6 +22,12 @@ helped beyond the noise between seeds (docs/benchmarks.md), so the model keeps i
 
     python bench/compression.py --json          # the full sweep on tiny (about 23 min of one idle core)
     python bench/compression.py --quick --json  # a smoke run of a few seconds
+    python bench/compression.py --settings none,128x --seeds 0-7 --json   # paired gaps over 8 seeds
+
+With `--seeds`, every setting runs once per seed (the same seed for every setting, so each seed's runs are a
+pair), and the result adds, per setting, the paired held-out gap against "none" on each seed, its mean and a
+95% confidence interval (Student's t over the seeds). Single runs at this budget differ by several percent
+between seeds, so only the interval says whether a gap is real.
 """
 
 from __future__ import annotations
@@ -318,6 +324,110 @@ def print_table(result: dict[str, Any]) -> None:
         )
 
 
+def parse_seeds(text: str) -> list[int]:
+    """'0-7' -> [0..7]; '0,3,5' -> [0, 3, 5]."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        low, dash, high = part.partition("-")
+        seeds += list(range(int(low), int(high) + 1)) if dash else [int(low)]
+    if len(seeds) != len(set(seeds)) or not seeds:
+        raise ValueError(f"seeds {text!r} must name distinct seeds")
+    return seeds
+
+
+# Two-sided 95% Student's t quantiles by degrees of freedom; past 30 the normal's 1.96 is within 4%.
+T95 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    11: 2.201,
+    12: 2.179,
+    13: 2.160,
+    14: 2.145,
+    15: 2.131,
+    16: 2.120,
+    17: 2.110,
+    18: 2.101,
+    19: 2.093,
+    20: 2.086,
+    25: 2.060,
+    30: 2.042,
+}
+
+
+def mean_interval(values: list[float]) -> dict[str, float | None]:
+    """The mean of `values` and its two-sided 95% t interval (None for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": round(mean, 3), "ci95_low": None, "ci95_high": None, "sd": None}
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    t = T95.get(n - 1) or T95[max(k for k in T95 if k <= n - 1)]
+    half = t * sd / n**0.5
+    return {
+        "mean": round(mean, 3),
+        "ci95_low": round(mean - half, 3),
+        "ci95_high": round(mean + half, 3),
+        "sd": round(sd, 3),
+    }
+
+
+def run_seeds(args: argparse.Namespace, seeds: list[int]) -> dict[str, Any]:
+    """Each setting on each seed, and its paired held-out gap against "none" with a 95% interval."""
+    if "none" not in args.settings.split(","):
+        raise SystemExit("--seeds compares against 'none': include it in --settings")
+    started = time.perf_counter()
+    runs = []
+    for seed in seeds:
+        args.seed = seed
+        runs.append(run(args))
+        if not args.json:
+            print(
+                f"seed {seed}: "
+                + ", ".join(f"{k} {r['heldout_loss']}" for k, r in runs[-1]["settings"].items())
+            )
+    summary: dict[str, dict[str, Any]] = {}
+    for key in runs[0]["settings"]:
+        gaps = [r["settings"][key]["heldout_gap_pct"] for r in runs]
+        losses = [r["settings"][key]["heldout_loss"] for r in runs]
+        summary[key] = {
+            "heldout_loss_per_seed": losses,
+            "heldout_gap_pct_per_seed": gaps,
+            "heldout_loss": mean_interval(losses),
+            "heldout_gap_pct": mean_interval(gaps),
+        }
+    return {
+        "preset": args.preset,
+        "seeds": seeds,
+        "tokens": runs[0]["tokens"],
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "summary": summary,
+        "runs": runs,
+    }
+
+
+def print_seeds_table(result: dict[str, Any]) -> None:
+    print(
+        f"{result['preset']}, seeds {result['seeds']}, {result['tokens']:,} tokens per run, "
+        f"{result['wall_s']} s"
+    )
+    print(f"{'setting':10} {'held-out mean':>13} {'gap % mean':>10} {'gap 95% CI':>18} {'gap sd':>7}")
+    for key, s in result["summary"].items():
+        g = s["heldout_gap_pct"]
+        ci = "-" if g["ci95_low"] is None else f"[{g['ci95_low']:+.2f}, {g['ci95_high']:+.2f}]"
+        sd = "-" if g["sd"] is None else f"{g['sd']:.2f}"
+        print(f"{key:10} {s['heldout_loss']['mean']:>13.4f} {g['mean']:>+10.2f} {ci:>18} {sd:>7}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -331,6 +441,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument(
         "--seed", type=int, default=0, help="model init and sample order (the same for every setting)"
+    )
+    parser.add_argument(
+        "--seeds", default=None, help="run every setting on each seed (e.g. 0-7) and report paired gaps"
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument(
@@ -352,6 +465,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.tokens, args.batch_size, args.seq_len, args.eval_batches = 3 * 2 * 32, 2, 32, 1
+    if args.seeds is not None:
+        emit(
+            run_seeds(args, parse_seeds(args.seeds)),
+            args.out,
+            as_json=args.json,
+            print_table=print_seeds_table,
+        )
+        return
     emit(run(args), args.out, as_json=args.json, print_table=print_table)
 
 
