@@ -42,8 +42,8 @@ from bench.report import emit  # noqa: E402
 from common.data import SampleSchedule, batch_tokens  # noqa: E402
 from common.model import get_preset  # noqa: E402
 from common.protocol import LossRecord  # noqa: E402
+from common.training import StageTrainer  # noqa: E402
 from miner.behaviors import Behavior, BehaviorPolicy  # noqa: E402
-from miner.trainer import StageTrainer  # noqa: E402
 from validator.clasp import ClaspConfig, estimate_effects  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent / "out"

@@ -49,9 +49,9 @@ from common.model.config import ModelConfig  # noqa: E402
 from common.protocol import GlobalWeights  # noqa: E402
 from common.s3server import EmbeddedS3  # noqa: E402
 from common.storage import ObjectStore  # noqa: E402
+from common.training import StageTrainer  # noqa: E402
 from iota.local_merge import run_local_merge  # noqa: E402
 from miner.merging import MergeParticipant, Traffic  # noqa: E402
-from miner.trainer import StageTrainer  # noqa: E402
 from orchestrator.merging import REDUNDANCY  # noqa: E402
 from orchestrator.settings import OrchestratorSettings, training_spec  # noqa: E402
 

@@ -64,7 +64,7 @@ from common.protocol import (  # noqa: E402
 )
 from common.wire import BoundaryWire  # noqa: E402
 from miner.behaviors import Behavior  # noqa: E402
-from miner.trainer import StageTrainer  # noqa: E402
+from miner.trainer import MinerTrainer  # noqa: E402
 from orchestrator.settings import OrchestratorSettings, training_spec  # noqa: E402
 from validator.replay import CROSS_REGIME_HORIZON, DEFAULT_TOLERANCES, Tolerances, replay  # noqa: E402
 
@@ -171,12 +171,13 @@ def simulate_epoch(
     checkpoint: bool = False,
     training: TrainingSpec = TRAINING,
     seed: int = SEED,
+    model: dict[str, Any] | None = None,
 ) -> Simulation:
     """One epoch of a 3-stage tiny pipeline, the miner at `stage` running as told; see the module doc.
 
     `checkpoint`: start from a checkpoint (the init of another seed, as version 1) instead of the seeded
     init, so that a replay which ignored it would fail."""
-    cfg = get_preset("tiny", max_seq_len=max(seq_len, 64))
+    cfg = get_preset("tiny", max_seq_len=max(seq_len, 64), **(model or {}))  # model: field overrides
     corpus = default_corpus()
     data = DataSpec(
         source="local",
@@ -188,7 +189,7 @@ def simulate_epoch(
     n, last = cfg.n_stages, cfg.n_stages - 1
     objects: dict[str, bytes] = {}
     trainers = [
-        StageTrainer(
+        MinerTrainer(
             cfg,
             s,
             training,

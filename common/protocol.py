@@ -392,10 +392,6 @@ class CheckpointManifest(_Message):
     )
 
 
-def manifest_key(run_id: str) -> str:
-    return f"runs/{run_id}/checkpoints/manifest.json"
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Validation (see validator/ for the replay, CLASP and scoring)
 

@@ -18,14 +18,12 @@ from typing import Any
 
 import torch
 
-from common.codec import CodecError
+from common.checkpoints import CheckpointError, manifest_key, read_state, stage_shapes, start_weights
 from common.data import Tokenizer
-from common.merge import decode_state, state_limit
 from common.model import ModelConfig
-from common.model.stages import IotaModel, build_stage
-from common.protocol import ArtifactRef, CheckpointManifest, manifest_key
+from common.model.stages import IotaModel
+from common.protocol import ArtifactRef, CheckpointManifest
 from common.storage import ObjectStore, StorageError
-from orchestrator.merge_jobs import stage_shapes
 
 # A manifest is a few hundred bytes per stage; anything near this is not one, so refuse before reading it.
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
@@ -78,24 +76,12 @@ def fetch_stage_weights(
 ) -> dict[str, torch.Tensor]:
     """A stage's checkpointed weights, refused unless the object is exactly what the manifest recorded:
     the bucket is shared, so size and hash are what tie the bytes to the orchestrator's merge."""
-    # The size comes from the manifest; check it against the stage's shapes before downloading that much.
-    if ref.size > state_limit(shapes):
-        raise ExportError(
-            f"checkpoint object {ref.key} claims {ref.size} bytes, more than the stage can take"
-        )
     try:
-        data = store.get_verified(ref.key, ref.size, ref.sha256)
+        return read_state(store, ref, shapes)
     except StorageError as error:
         raise ExportError(f"cannot read checkpoint object {ref.key}: {error}") from error
-    if data is None:
-        raise ExportError(
-            f"checkpoint object {ref.key} is missing, or not the {ref.size} bytes and sha256 that the "
-            "manifest recorded"
-        )
-    try:
-        return decode_state(data, shapes)
-    except CodecError as error:
-        raise ExportError(f"checkpoint object {ref.key} is not the stage's weights: {error}") from error
+    except CheckpointError as error:
+        raise ExportError(str(error)) from error
 
 
 def assemble_state(
@@ -110,7 +96,7 @@ def assemble_state(
     for s, ckpt in enumerate(manifest.stages):
         if ckpt is None:
             # Never merged: every replica still starts from this exact seeded init, so it is the stage.
-            weights = build_stage(cfg, s, manifest.seed, "cpu").state_dict()
+            weights = start_weights(cfg, s, manifest.seed)
             versions.append(0)
         else:
             if ckpt.stage != s:

@@ -21,9 +21,10 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.checkpoints import manifest_key
 from common.data import ByteTokenizer, Tokenizer, check_vocab, load_tokenizer
 from common.model import ModelConfig, stage_sizes
-from common.protocol import CheckpointManifest, manifest_key
+from common.protocol import CheckpointManifest
 from common.storage import ObjectStore
 from iota.export import ExportError, ExportInfo, assemble_state, read_manifest
 

@@ -10,13 +10,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from common.checkpoints import StoredCheckpoint
 from common.model import ModelConfig
 from common.protocol import MergeTask
 from common.storage import ObjectStore
 from miner.merging import MergeParticipant
 from orchestrator.epochs import StoreLinks
 from orchestrator.merge_jobs import run_finalize
-from orchestrator.merging import StageMerge, StoredCheckpoint
+from orchestrator.merging import StageMerge
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Deliberate misbehaviour for tests and the devnet: what a dishonest miner sends instead of its work.
 
-A policy rewrites only what leaves the miner; skipping the work itself (zero-grad) is the trainer's part,
-through `takes_step`. The tail's loss stays honest under every behaviour: lying about the loss is a
-separate attack.
+A policy rewrites only what leaves the miner; skipping the work itself (zero-grad) is `MinerTrainer`'s part
+(`miner.trainer`), through `takes_step`; the honest compute (`common.training`) knows nothing of these.
+The tail's loss stays honest under every behaviour: lying about the loss is a separate attack.
 
 - `honest`: sends what it computed.
 - `random-output`: forward outputs become Gaussian noise with the honest output's shape, dtype, mean and

@@ -15,10 +15,10 @@ import threading
 import httpx
 import torch
 
+from common.checkpoints import CheckpointError, fetch_state, stage_shapes, start_weights
 from common.codec import CodecError, content_hash
 from common.merge import (
     decode_slice,
-    decode_state,
     encode_slice,
     flatten,
     nesterov_step,
@@ -26,7 +26,6 @@ from common.merge import (
     unflatten,
     weights_digest,
 )
-from common.model.stages import build_stage
 from common.protocol import (
     ApplyReport,
     ArtifactRef,
@@ -40,8 +39,8 @@ from common.protocol import (
     UploadTarget,
 )
 from common.storage import StorageError, download_from_url, upload_to_url
+from common.training import StageTrainer
 from miner.behaviors import BehaviorPolicy
-from miner.trainer import StageTrainer
 
 log = logging.getLogger("iota.miner")
 
@@ -104,13 +103,15 @@ class MergeParticipant:
             if weights.version != 0:
                 raise MergeFailed(f"version {weights.version} comes without a checkpoint")
             if self.version != -1 or trainer.steps:  # a fresh trainer already holds the seeded init
-                seeded = build_stage(trainer.cfg, trainer.stage, weights.seed, "cpu")
-                trainer.load_weights(seeded.state_dict())
+                trainer.load_weights(start_weights(trainer.cfg, trainer.stage, weights.seed))
             self.snapshot(0, None)
             return
-        shapes = {name: tuple(t.shape) for name, t in self.like.items()}
-        state = decode_state(self._download(weights.checkpoint.weights), shapes)
-        momentum = decode_state(self._download(weights.checkpoint.momentum), shapes)
+        shapes = stage_shapes(trainer.cfg, trainer.stage)
+        try:
+            state = fetch_state(self._transfer, weights.checkpoint.weights, shapes)
+            momentum = fetch_state(self._transfer, weights.checkpoint.momentum, shapes)
+        except CheckpointError as error:
+            raise MergeFailed(str(error)) from error
         trainer.load_weights(state)
         self.snapshot(weights.version, flatten(momentum))
         log.info("loaded the checkpoint of stage %d, version %d", trainer.stage, weights.version)
@@ -192,9 +193,13 @@ class MergeParticipant:
         self.traffic.uploaded += len(data)
         return ArtifactRef(key=target.key, size=len(data), sha256=content_hash(data))
 
-    def _download(self, source: DownloadSource) -> bytes:
+    def _transfer(self, source: DownloadSource) -> bytes:
         data = download_from_url(source.url, max_bytes=source.size, client=self.http, stop=self.stop)
         self.traffic.downloaded += len(data)
+        return data
+
+    def _download(self, source: DownloadSource) -> bytes:
+        data = self._transfer(source)
         if len(data) != source.size or content_hash(data) != source.sha256:
             raise MergeFailed(f"{source.key} is not the object the orchestrator announced")
         return data

@@ -49,11 +49,12 @@ from common.protocol import (
 )
 from common.stopping import Stopping
 from common.storage import StorageError, download_from_url, upload_to_url
+from common.training import TrainerError
 from common.wire import BoundaryWire
 from miner.merging import MergeFailed, MergeParticipant, Traffic
 from miner.metrics import MinerMetrics, MinerStatusLine, MinerView
 from miner.settings import MinerSettings
-from miner.trainer import StageTrainer, TrainerError
+from miner.trainer import MinerTrainer
 
 log = logging.getLogger("iota.miner")
 
@@ -123,7 +124,7 @@ class MinerWorker:
             stop=self.stop,
         )
         self.reg: RegisterResponse | None = None
-        self.trainer: StageTrainer | None = None
+        self.trainer: MinerTrainer | None = None
         self.merger: MergeParticipant | None = None
         self.traffic = Traffic()
         self.resync = False  # the orchestrator said our run or session is gone: register before more work
@@ -167,7 +168,7 @@ class MinerWorker:
             with self.timings.measure("checkpoint"):
                 self.merger.load(reg.weights)
         else:
-            self.trainer = StageTrainer(
+            self.trainer = MinerTrainer(
                 ModelConfig.from_dict(reg.model),
                 reg.stage,
                 reg.training,
@@ -499,7 +500,7 @@ class MinerWorker:
             raise Resync(409, "not_registered", "not registered yet")
         return self.reg
 
-    def _trainer(self) -> StageTrainer:
+    def _trainer(self) -> MinerTrainer:
         if self.trainer is None:
             raise Resync(409, "not_registered", "not registered yet")
         return self.trainer

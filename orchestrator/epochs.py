@@ -19,10 +19,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from common.checkpoints import StoredCheckpoint, global_weights
 from common.protocol import (
     ApplyReport,
     ArtifactRef,
-    Checkpoint,
     DownloadSource,
     GlobalWeights,
     MergeRecord,
@@ -39,7 +39,6 @@ from orchestrator.merging import (
     Links,
     MergeState,
     StageMerge,
-    StoredCheckpoint,
 )
 from orchestrator.scheduler import Scheduler, SchedulerError
 from orchestrator.settings import OrchestratorSettings
@@ -329,14 +328,9 @@ class EpochClock:
     # -- global weights -----------------------------------------------------------------------------------
 
     def global_weights(self, stage: int) -> GlobalWeights:
-        ckpt = self.checkpoints[stage]
-        checkpoint = None
-        if ckpt is not None:
-            checkpoint = Checkpoint(
-                weights=self.links.download_source(ckpt.weights),
-                momentum=self.links.download_source(ckpt.momentum),
-            )
-        return GlobalWeights(version=self.versions[stage], seed=self.seed, checkpoint=checkpoint)
+        return global_weights(
+            self.versions[stage], self.seed, self.checkpoints[stage], self.links.download_source
+        )
 
     def joined(self, miner: Miner) -> GlobalWeights:
         """A miner (re)registering loads its stage's current global weights."""

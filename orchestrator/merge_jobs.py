@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from common.checkpoints import StoredCheckpoint, read_checkpoint, stage_shapes, start_weights
 from common.codec import CodecError, content_hash
 from common.merge import (
     decode_slice,
-    decode_state,
     encode_slice,
     encode_state,
     flatten,
@@ -18,10 +18,9 @@ from common.merge import (
     weights_digest,
 )
 from common.model import ModelConfig
-from common.model.stages import build_stage
 from common.protocol import ArtifactRef, MergeFlag
 from common.storage import ObjectStore
-from orchestrator.merging import FinalizeJob, FinalizeResult, StoredCheckpoint
+from orchestrator.merging import FinalizeJob, FinalizeResult
 
 # A reducer whose result differs in bits but lies this close to the orchestrator's is honest: float sums
 # in another order (another CPU's vector width) round differently. Anything further is a wrong partition.
@@ -38,24 +37,6 @@ def fetch_slice(store: ObjectStore, ref: ArtifactRef, numel: int) -> torch.Tenso
         return decode_slice(data, numel)
     except CodecError:
         return None
-
-
-def stage_shapes(cfg: ModelConfig, stage: int) -> dict[str, tuple[int, ...]]:
-    module = build_stage(cfg, stage, device="meta")
-    return {name: tuple(t.shape) for name, t in module.state_dict().items()}
-
-
-def load_checkpoint(
-    store: ObjectStore, ckpt: StoredCheckpoint, shapes: dict[str, tuple[int, ...]]
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """A stored checkpoint's weights and momentum, checked against its hashes and the stage's shapes."""
-    out = []
-    for ref in (ckpt.weights, ckpt.momentum):
-        data = store.get_verified(ref.key, ref.size, ref.sha256)
-        if data is None:
-            raise RuntimeError(f"checkpoint object {ref.key} is missing or not what was stored")
-        out.append(decode_state(data, shapes))
-    return out[0], out[1]
 
 
 def run_finalize(
@@ -102,10 +83,10 @@ def run_finalize(
         return result  # the merge starts its reduce phase again without them
 
     if previous is None:
-        start = build_stage(cfg, s.stage, seed, "cpu").state_dict()
+        start = start_weights(cfg, s.stage, seed)
         momentum = None
     else:
-        start, mom = load_checkpoint(store, previous, stage_shapes(cfg, s.stage))
+        start, mom = read_checkpoint(store, previous, stage_shapes(cfg, s.stage))
         momentum = flatten(mom)
     pseudo_grad = torch.cat([merged[p.index] for p in s.partitions])
     new, buf = nesterov_step(flatten(start), pseudo_grad, momentum, lr=outer_lr, mu=outer_momentum)

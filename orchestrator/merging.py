@@ -29,6 +29,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.checkpoints import StoredCheckpoint, checkpoint_keys
 from common.merge import assign_reducers, partitions, slice_limit
 from common.protocol import (
     ApplyReport,
@@ -57,15 +58,6 @@ class Links(Protocol):
     def upload_target(self, key: str) -> UploadTarget: ...
 
     def download_source(self, ref: ArtifactRef) -> DownloadSource: ...
-
-
-class StoredCheckpoint(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    version: int
-    weights: ArtifactRef
-    momentum: ArtifactRef
-    digest: str = Field(description="`weights_digest` of the flattened weights.")
 
 
 class MergeState(BaseModel):
@@ -200,8 +192,7 @@ class StageMerge:
 
     def checkpoint_keys(self) -> tuple[str, str]:
         s = self.state
-        base = f"runs/{s.run_id}/checkpoints/s{s.stage}/v{s.version + 1}"
-        return f"{base}/weights.iotc", f"{base}/momentum.iotc"
+        return checkpoint_keys(s.run_id, s.stage, s.version + 1)
 
     def objects(self) -> list[str]:
         """Every transient object of this merge (not the checkpoint), for deletion once it is over."""

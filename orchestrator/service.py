@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from common.auth import EpistulaVerifier, signed_request_dependency
 from common.chain import Chain, Neuron
+from common.checkpoints import StoredCheckpoint, manifest_key
 from common.codec import content_hash
 from common.config import AuthSettings, DataSettings, ModelSettings
 from common.data import Corpus, SampleId, SampleSchedule
@@ -23,17 +24,15 @@ from common.protocol import (
     ArtifactRef,
     CheckpointManifest,
     DataSpec,
-    StageCheckpoint,
     TrainingSpec,
     WorkItem,
-    manifest_key,
 )
 from common.storage import UPLOAD_CHECK_THREADS, ObjectStore, StorageError
 from orchestrator.dashboard_state import DashboardState
 from orchestrator.db import Item, StateDB
 from orchestrator.epochs import EpochClock, StoreLinks
 from orchestrator.merge_jobs import run_finalize
-from orchestrator.merging import FinalizeJob, FinalizeResult, MergeState, StoredCheckpoint
+from orchestrator.merging import FinalizeJob, FinalizeResult, MergeState
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.scheduler import Scheduler, SchedulerError
 from orchestrator.settings import OrchestratorSettings, training_spec
@@ -279,10 +278,7 @@ class Orchestrator:
             seed=self.spec.seed,
             data=self.spec.data,
             stages=[
-                None
-                if c is None
-                else StageCheckpoint(stage=s, version=c.version, weights=c.weights, momentum=c.momentum)
-                for s, c in enumerate(self.epochs.checkpoints)
+                None if c is None else c.manifest_entry(s) for s, c in enumerate(self.epochs.checkpoints)
             ],
         )
 

@@ -3,7 +3,7 @@
 When a stage's merge closes, each of its participants is shadowed with probability `validation_fraction`,
 decided only then, so that nothing a miner sees during the epoch tells it whether it is watched. A shadowed
 epoch becomes a task: the miner's accepted items in the order it completed them (its optimizer steps, see
-`miner.trainer`), the start-of-epoch checkpoint and the pseudo-gradient it uploaded for the merge. Every
+`common.training`), the start-of-epoch checkpoint and the pseudo-gradient it uploaded for the merge. Every
 object a replay may need is kept for `validation_retention_s` (see `OrchestratorSettings.object_retention_s`).
 
 Validators lease tasks (a lease expires after `validation_lease_s` and the task goes to another validator),
@@ -21,13 +21,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from common.checkpoints import StoredCheckpoint, global_weights
 from common.data import SampleId
 from common.protocol import (
     ArtifactRef,
-    Checkpoint,
     DownloadSource,
     EpochLedger,
-    GlobalWeights,
     MergeRecord,
     MinerEpochWork,
     PartitionSpan,
@@ -37,7 +36,7 @@ from common.protocol import (
     VerdictRecord,
 )
 from orchestrator.db import Item, StateDB
-from orchestrator.merging import MergeState, StoredCheckpoint
+from orchestrator.merging import MergeState
 from orchestrator.scheduler import SchedulerError
 from orchestrator.settings import OrchestratorSettings
 
@@ -204,19 +203,13 @@ class ValidationBook:
         return None if ref is None else self.download_source(ref)
 
     def _task(self, task_id: str, shadow: Shadow, ops: list[ReplayOp], deadline_s: float) -> ValidationTask:
-        ckpt = shadow.checkpoint
-        checkpoint = None
-        if ckpt is not None:
-            checkpoint = Checkpoint(
-                weights=self.download_source(ckpt.weights), momentum=self.download_source(ckpt.momentum)
-            )
         return ValidationTask(
             task_id=task_id,
             epoch=shadow.epoch,
             stage=shadow.stage,
             miner=shadow.miner,
             device=shadow.device,
-            weights=GlobalWeights(version=shadow.version, seed=shadow.seed, checkpoint=checkpoint),
+            weights=global_weights(shadow.version, shadow.seed, shadow.checkpoint, self.download_source),
             ops=ops,
             partitions=shadow.partitions,
             pseudo_gradient=[self.download_source(ref) for ref in shadow.pseudo_gradient],

@@ -13,12 +13,13 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from common.checkpoints import manifest_key
 from common.codec import content_hash
 from common.data import ByteTokenizer, load_tokenizer
 from common.merge import encode_state
 from common.model import get_preset
 from common.model.stages import IotaModel, build_stage
-from common.protocol import ArtifactRef, CheckpointManifest, DataSpec, StageCheckpoint, manifest_key
+from common.protocol import ArtifactRef, CheckpointManifest, DataSpec, StageCheckpoint
 from common.s3server import EmbeddedS3
 from common.storage import ObjectStore
 from iota.cli import app

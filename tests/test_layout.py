@@ -1,5 +1,6 @@
-"""Project rules that hold for the whole tree: common/ imports no role, nothing unpickles or evaluates
-(a scan of the code, tested on samples of what it must catch), the CLI works."""
+"""Project rules that hold for the whole tree: common/ imports no role, the roles import neither each other
+nor the CLI, nothing unpickles or evaluates (each scan tested on samples of what it must catch), the CLI
+works."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from common.model import PRESETS, stage_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLES = {"orchestrator", "miner", "validator", "iota"}
+# The roles that run apart, on machines of their own: they share only `common`. `iota` (the CLI and the
+# devnet) composes them, so it may import them and none of them may import it.
+SEPARATE_ROLES = ("orchestrator", "miner", "validator")
 PRODUCT = ["common", "orchestrator", "miner", "validator", "iota"]
 
 
@@ -23,22 +27,98 @@ def _python_files(*folders: str) -> list[Path]:
     return [p for folder in folders for p in sorted((ROOT / folder).rglob("*.py"))]
 
 
-def _imported_modules(path: Path) -> set[str]:
+def _module_of(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(source: str, module: str, *, is_package: bool = False) -> set[str]:
+    """Every module `source` (the code of `module`) imports, anywhere in it (a lazy import in a function
+    counts too), relative imports resolved to absolute names."""
+    package = module if is_package else module.rpartition(".")[0]
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(ast.parse(source, filename=module)):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                names.add(node.module or "")
+                continue
+            base = package.split(".") if package else []
+            base = base[: len(base) - (node.level - 1)] if node.level - 1 <= len(base) else []
+            if node.module:
+                names.add(".".join([*base, node.module]))
+            else:  # `from .. import x`: x may be a module of that package
+                names.update(".".join([*base, alias.name]) for alias in node.names)
     return names
 
 
-def test_common_imports_no_role_package() -> None:
-    offenders = {
-        str(path.relative_to(ROOT)): sorted(m for m in _imported_modules(path) if m.split(".")[0] in ROLES)
-        for path in _python_files("common")
+def _imports_of(path: Path) -> set[str]:
+    return imported_modules(path.read_text(), _module_of(path), is_package=path.name == "__init__.py")
+
+
+def foreign_roles(imported: set[str], package: str) -> list[str]:
+    """The modules in `imported` that `package` (a top-level folder) must not import."""
+    if package == "common":
+        forbidden = ROLES
+    elif package in SEPARATE_ROLES:
+        forbidden = ROLES - {package}
+    else:
+        forbidden = set()
+    return sorted(m for m in imported if _root(m) in forbidden)
+
+
+def _offenders(*folders: str) -> dict[str, list[str]]:
+    found = {
+        str(path.relative_to(ROOT)): foreign_roles(_imports_of(path), folder)
+        for folder in folders
+        for path in _python_files(folder)
     }
-    assert {k: v for k, v in offenders.items() if v} == {}
+    return {k: v for k, v in found.items() if v}
+
+
+def test_common_imports_no_role_package() -> None:
+    assert _offenders("common") == {}
+
+
+def test_roles_import_neither_each_other_nor_the_cli() -> None:
+    assert _offenders(*SEPARATE_ROLES) == {}
+
+
+def _crossings(module: str, source: str) -> list[str]:
+    return foreign_roles(imported_modules(source, module), module.split(".")[0])
+
+
+@pytest.mark.parametrize(
+    ("module", "source"),
+    [
+        ("validator.replay", "from miner.trainer import StageTrainer, TrainerError"),
+        ("validator.replay", "import miner.behaviors"),
+        ("orchestrator.service", "from validator import scoring"),
+        ("miner.worker", "def f() -> None:\n    from orchestrator.merging import StageMerge"),
+        ("miner.worker", "from iota.devnet import Devnet"),
+        ("validator.daemon", "from ..orchestrator import db"),
+        ("validator.daemon", "from .. import miner"),
+        ("common.merge", "from orchestrator.merge_jobs import stage_shapes"),
+        ("common.model.stages", "from ...iota import export"),
+    ],
+)
+def test_the_boundary_scan_catches_each_way_to_cross_it(module: str, source: str) -> None:
+    assert _crossings(module, source) != []
+
+
+@pytest.mark.parametrize(
+    ("module", "source"),
+    [
+        ("validator.replay", "from common.training import StageTrainer"),
+        ("validator.replay", "from . import scoring\nfrom .clasp import estimate_effects"),
+        ("miner.worker", "from miner.merging import MergeParticipant"),
+        ("iota.devnet", "from miner.trainer import MinerTrainer\nfrom orchestrator import app"),
+        ("common.model.stages", "from ..merge import flatten"),
+    ],
+)
+def test_the_boundary_scan_leaves_allowed_imports_alone(module: str, source: str) -> None:
+    assert _crossings(module, source) == []
 
 
 # Modules whose loading runs code chosen by whoever wrote the bytes.

@@ -10,17 +10,19 @@ import httpx
 import pytest
 import torch
 
+from common.checkpoints import StoredCheckpoint
 from common.merge import flatten, nesterov_step, robust_weighted_mean, weights_digest
 from common.model import get_preset
 from common.protocol import Checkpoint, GlobalWeights
 from common.storage import ObjectStore
+from common.training import StageTrainer
 from iota.local_merge import run_local_merge
 from miner.behaviors import BehaviorPolicy
 from miner.merging import MergeParticipant
-from miner.trainer import StageTrainer
+from miner.trainer import MinerTrainer
 from orchestrator.epochs import StoreLinks
 from orchestrator.merge_jobs import run_finalize
-from orchestrator.merging import StageMerge, StoredCheckpoint
+from orchestrator.merging import StageMerge
 from orchestrator.settings import OrchestratorSettings, training_spec
 
 CFG = get_preset("tiny")
@@ -41,7 +43,7 @@ def replicas(
     out = {}
     for i in range(n):
         behavior = (bad or {}).get(i, "honest")
-        trainer = StageTrainer(CFG, STAGE, SPEC, seed=SEED, behavior=behavior)  # type: ignore[arg-type]
+        trainer = MinerTrainer(CFG, STAGE, SPEC, seed=SEED, behavior=behavior)  # type: ignore[arg-type]
         hotkey = f"5replica{i:02d}"
         p = MergeParticipant(trainer, SPEC, hotkey=hotkey, http=http, policy=BehaviorPolicy(behavior))  # type: ignore[arg-type]
         p.load(GlobalWeights(version=0, seed=SEED))

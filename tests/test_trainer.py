@@ -7,8 +7,9 @@ import torch
 
 from common.model import IotaModel, build_stage, get_preset, next_token_loss
 from common.protocol import TrainingSpec
+from common.training import StageTrainer, TrainerError
 from miner.behaviors import BEHAVIORS, SCALE, Behavior, BehaviorPolicy
-from miner.trainer import StageTrainer, TrainerError
+from miner.trainer import MinerTrainer
 
 CFG = get_preset("tiny", max_seq_len=64)
 B, T = 2, 32
@@ -254,8 +255,8 @@ def test_load_weights_round_trips_and_resets_the_optimizer() -> None:
 # Behaviours
 
 
-def _trainer(stage: int, behavior: Behavior = "honest") -> StageTrainer:
-    return StageTrainer(CFG, stage, SPEC, seed=SEED, behavior=behavior)
+def _trainer(stage: int, behavior: Behavior = "honest") -> MinerTrainer:
+    return MinerTrainer(CFG, stage, SPEC, seed=SEED, behavior=behavior)
 
 
 def test_random_output_is_seeded_noise_with_the_honest_statistics() -> None:

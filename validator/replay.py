@@ -1,10 +1,10 @@
 """Replaying a shadowed miner's epoch and comparing what it uploaded with what honest work gives.
 
 A `ValidationTask` lists the miner's accepted items in the order it completed them. The replay builds a
-fresh `StageTrainer` for the stage, loads the start-of-epoch global weights, and runs every op in that
-order, feeding it the very inputs the miner was given (the bytes the orchestrator kept) and rebuilding
-tokens from sample ids. Each output the miner uploaded is compared with the replayed one, then the
-pseudo-gradient it uploaded for the merge and the number of optimizer steps it claimed.
+fresh `StageTrainer` (`common.training`) for the stage, loads the start-of-epoch global weights, and runs
+every op in that order, feeding it the very inputs the miner was given (the bytes the orchestrator kept)
+and rebuilding tokens from sample ids. Each output the miner uploaded is compared with the replayed one,
+then the pseudo-gradient it uploaded for the merge and the number of optimizer steps it claimed.
 
 Why the replay is exact up to floating-point noise:
 
@@ -15,7 +15,8 @@ Why the replay is exact up to floating-point noise:
   (`StageTrainer.load_weights` / `assign_weights`), so no hidden optimizer state is needed.
 - Weight stashing: a forward runs on the weights of the moment it ran, and its backward differentiates
   those. The replay uses the same `StageTrainer` class and the same op order, so every forward sees the
-  same weight version as the miner's did, and every backward the same stashed weights.
+  same weight version as the miner's did, and every backward the same stashed weights. (The miner's
+  `MinerTrainer` is that class with its behaviour on top; honest, it returns the very same bits.)
 - The wire: a replayed output goes through the run's wire format (dtype, int8, lz4) before comparison, so
   quantisation affects both sides alike.
 
@@ -44,9 +45,10 @@ from typing import NoReturn
 
 import torch
 
+from common.checkpoints import CheckpointError, fetch_state, stage_shapes
 from common.codec import CodecError, content_hash
 from common.data import Corpus, batch_tokens
-from common.merge import decode_slice, decode_state, flatten
+from common.merge import decode_slice, flatten
 from common.model import ModelConfig
 from common.protocol import (
     MAX_REASON_CHARS,
@@ -58,8 +60,8 @@ from common.protocol import (
     TrainingSpec,
     ValidationTask,
 )
+from common.training import StageTrainer, TrainerError
 from common.wire import BoundaryWire
-from miner.trainer import StageTrainer, TrainerError
 
 _TINY = 1e-12  # the floor of a reference norm in `relative_error`
 
@@ -341,12 +343,11 @@ class _Replay:
         """Load the start-of-epoch weights into the trainer; their flat vector."""
         weights = self.task.weights
         if weights.checkpoint is not None:
-            shapes = {name: tuple(t.shape) for name, t in self.trainer.weights().items()}
+            shapes = stage_shapes(self.trainer.cfg, self.task.stage)
             try:
-                state = decode_state(self._fetch(weights.checkpoint.weights), shapes)
-                self.trainer.load_weights(state)
-            except (CodecError, TrainerError) as error:
-                raise ReplayError(f"the start-of-epoch checkpoint does not fit the stage: {error}") from None
+                self.trainer.load_weights(fetch_state(self.fetch, weights.checkpoint.weights, shapes))
+            except (CheckpointError, TrainerError) as error:
+                raise ReplayError(f"the start-of-epoch checkpoint cannot be loaded: {error}") from None
         elif weights.version != 0:
             raise ReplayError(f"version {weights.version} comes without a checkpoint")
         return flatten(self.trainer.weights())  # version 0: the fresh trainer holds the seeded init
