@@ -55,7 +55,10 @@ from common.auth import EpistulaAuth  # noqa: E402
 from common.model import ModelConfig  # noqa: E402
 from common.protocol import (  # noqa: E402
     HEADER_PROTOCOL,
+    MINERS_REGISTER,
     PROTOCOL_VERSION,
+    WORK_COMPLETE,
+    WORK_NEXT,
     ArtifactRef,
     CompleteRequest,
     RegisterRequest,
@@ -142,7 +145,7 @@ class SimulatedMiner:
 
     async def register(self) -> bool:
         request = RegisterRequest(device="cpu", corpus_fingerprint=self.args.fingerprint)
-        resp = await self.post("/v1/miners/register", request)
+        resp = await self.post(MINERS_REGISTER.path, request)
         if resp is None:
             return False
         reg = RegisterResponse.model_validate_json(resp.content)
@@ -163,7 +166,7 @@ class SimulatedMiner:
             await asyncio.sleep(1.0)
         while not stop.is_set():  # an item in hand is finished and reported first
             resp = await self.post(
-                "/v1/work/next", WorkRequest(run_id=self.run_id, session=self.session, wait_s=5.0)
+                WORK_NEXT.path, WorkRequest(run_id=self.run_id, session=self.session, wait_s=5.0)
             )
             if resp is None:
                 await asyncio.sleep(1.0)
@@ -194,7 +197,7 @@ class SimulatedMiner:
             loss=4.0 if tail_forward else None,
             compute_s=self.args.compute_ms / 1000,
         )
-        if await self.post("/v1/work/complete", request) is not None:
+        if await self.post(WORK_COMPLETE.path, request) is not None:
             self.tally.acked_completions += 1
             if self.tally.inside(time.monotonic()):
                 self.tally.items_in_window += 1

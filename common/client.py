@@ -1,4 +1,5 @@
-"""The signed HTTP client that miners and validators use to talk to the orchestrator.
+"""The signed HTTP client that miners and validators use to talk to the orchestrator: `call(ENDPOINT, body)`
+with an endpoint of `common.protocol.endpoints` answers that endpoint's response model.
 
 Transient failures (connection refused while the orchestrator restarts, timeouts, 5xx, 429, 503) are
 retried with jittered exponential backoff, until the client's stop event is set: then a request gets no
@@ -13,22 +14,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast, overload
 
 import httpx
 from bittensor.sp_core import Keypair
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, ValidationError
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential, wait_random
 
 from common.auth import CLOCK_SKEW, EpistulaAuth
-from common.protocol import HEADER_PROTOCOL, PROTOCOL_VERSION
+from common.protocol import HEADER_PROTOCOL, PROTOCOL_VERSION, Endpoint
+from common.protocol.endpoints import JSON
 from common.stopping import pause
 
 log = logging.getLogger("iota.client")
 
-M = TypeVar("M", bound=BaseModel)
-T = TypeVar("T")
+Req = TypeVar("Req", bound=BaseModel)
+Resp = TypeVar("Resp")
 
 RESYNC_CODES = frozenset({"run_mismatch", "stale_session", "not_registered"})
 
@@ -87,23 +90,41 @@ class OrchestratorClient:
     def close(self) -> None:
         self._http.close()
 
-    def post(self, path: str, body: BaseModel, response: type[M], *, extra_timeout_s: float = 0.0) -> M:
-        """POST `body` (signed afresh on every try) and parse the answer as `response`."""
-        content = body.model_dump_json().encode()
-        timeout = self._http.timeout.read + extra_timeout_s if self._http.timeout.read else None
-        resp = self._send("POST", path, content=content, timeout=timeout)
-        try:
-            return response.model_validate_json(resp.content)
-        except ValidationError as error:
-            raise ApiError(resp.status_code, "bad_response", f"{path}: {error}") from None
+    @overload
+    def call(self, endpoint: Endpoint[None, Resp], *, params: Mapping[str, Any] | None = None) -> Resp: ...
 
-    def get(self, path: str, response: TypeAdapter[T], params: dict[str, Any] | None = None) -> T:
-        """GET a public, read-only route and parse the answer with `response`."""
-        resp = self._send("GET", path, params=params)
+    @overload
+    def call(self, endpoint: Endpoint[Req, Resp], body: Req, *, extra_timeout_s: float = 0.0) -> Resp: ...
+
+    def call(
+        self,
+        endpoint: Endpoint[Any, Resp],
+        body: BaseModel | None = None,
+        *,
+        params: Mapping[str, Any] | None = None,
+        extra_timeout_s: float = 0.0,
+    ) -> Resp:
+        """Call `endpoint` (`common.protocol.endpoints`) and parse its answer as the endpoint's response.
+
+        A signed endpoint takes its request model as `body`, signed afresh on every try; `extra_timeout_s`
+        lengthens the read timeout for a long poll. A public read takes its query string as `params`.
+        """
+        if endpoint.request is None:
+            if body is not None:
+                raise TypeError(f"{endpoint} takes no body")
+            resp = self._send(endpoint.method, endpoint.path, params=params)
+        else:
+            if not isinstance(body, endpoint.request):
+                raise TypeError(f"{endpoint} takes a {endpoint.request.__name__}, not {type(body).__name__}")
+            timeout = self._http.timeout.read + extra_timeout_s if self._http.timeout.read else None
+            content = body.model_dump_json().encode()
+            resp = self._send(endpoint.method, endpoint.path, content=content, timeout=timeout)
+        if endpoint.media_type != JSON:  # the Prometheus text, the dashboard's page
+            return cast(Resp, resp.text)
         try:
-            return response.validate_json(resp.content)
+            return endpoint.answer.validate_json(resp.content)
         except ValidationError as error:
-            raise ApiError(resp.status_code, "bad_response", f"{path}: {error}") from None
+            raise ApiError(resp.status_code, "bad_response", f"{endpoint.path}: {error}") from None
 
     def _send(self, method: str, path: str, **request: Any) -> httpx.Response:
         def attempt() -> httpx.Response:

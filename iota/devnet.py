@@ -39,7 +39,18 @@ from common.chain import LocalChain
 from common.config import S3Settings
 from common.keys import create_hotkey
 from common.model import get_preset
-from common.protocol import EpochLedger, LossPage, LossRecord, MergeRecord, RunStatus
+from common.protocol import (
+    HEALTH,
+    LEDGER,
+    LOSSES,
+    MERGES,
+    STATUS,
+    EpochLedger,
+    LossPage,
+    LossRecord,
+    MergeRecord,
+    RunStatus,
+)
 from common.s3server import EmbeddedS3, ExternalS3, free_port, settings_env
 from common.stopping import force_exit
 from common.storage import ObjectStore
@@ -85,6 +96,9 @@ class DevnetOptions:
     weights_interval_s: float = 5.0
     # An external store (`--s3-endpoint`), its bucket created if missing; None: embedded moto, bucket BUCKET.
     s3: S3Settings | None = None
+    # Where the miners train (IOTA_MINER_DEVICE): `cuda` puts every miner on the one GPU, while the
+    # validators still replay on the CPU, so CUDA numerics meet the cross-regime tolerances.
+    miner_device: str = "cpu"
 
 
 # Each misbehaviour where it does something: a tail that lies about its loss at the tail; one that corrupts
@@ -223,7 +237,7 @@ class Devnet:
             IOTA_ORCH_VALIDATION_LEASE_S="120",
             IOTA_MINER_ORCHESTRATOR_URL=self.url,
             IOTA_MINER_POLL_WAIT_S="2",
-            IOTA_MINER_DEVICE="cpu",
+            IOTA_MINER_DEVICE=o.miner_device,
             PYTHONUNBUFFERED="1",
         )
         if o.stages:
@@ -284,7 +298,7 @@ class Devnet:
             if self.orchestrator is not None and self.orchestrator.poll() is not None:
                 raise RuntimeError(f"the orchestrator exited; see {self.workdir / 'logs/orchestrator.log'}")
             try:
-                if self.http.get("/health").status_code == 200:
+                if self.http.get(HEALTH.path).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
@@ -457,7 +471,7 @@ class Devnet:
         return {hotkeys[uid]: w / total for uid, w in sorted(combined.items()) if uid in hotkeys and total}
 
     def ledger(self) -> list[EpochLedger]:
-        resp = self.http.get("/v1/ledger", params={"limit": 1000})
+        resp = self.http.get(LEDGER.path, params={"limit": 1000})
         return [EpochLedger.model_validate(e) for e in resp.json()]
 
     def kill_miner(self, name: str) -> None:
@@ -467,11 +481,11 @@ class Devnet:
     # -- observing ----------------------------------------------------------------------------------------
 
     def status(self) -> RunStatus:
-        return RunStatus.model_validate_json(self.http.get("/v1/status").content)
+        return RunStatus.model_validate_json(self.http.get(STATUS.path).content)
 
     def loss_page(self, after: int = 0) -> LossPage:
         """The loss records after position `after` (at most 10,000), and where the next page starts."""
-        resp = self.http.get("/v1/losses", params={"after": after, "limit": 10_000})
+        resp = self.http.get(LOSSES.path, params={"after": after, "limit": 10_000})
         return LossPage.model_validate_json(resp.content)
 
     def export_model(self, run_id: str) -> str | None:
@@ -488,7 +502,7 @@ class Devnet:
         return str(out)
 
     def merges(self) -> list[MergeRecord]:
-        resp = self.http.get("/v1/merges", params={"limit": 1000})
+        resp = self.http.get(MERGES.path, params={"limit": 1000})
         return [MergeRecord.model_validate(r) for r in resp.json()]
 
     def losses(self) -> list[LossRecord]:

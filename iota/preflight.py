@@ -272,11 +272,12 @@ class StageMemory:
     stage: int
     role: str
     parameters: int
-    states: int  # fp32 weights, gradients and AdamW's two moments
+    states: int  # fp32 weights and gradients, and the optimizer's state (`optimizer` of it)
     stash: int  # weight copies kept for outstanding forwards (PipeDream weight stashing)
     activations: int  # what autograd keeps for the forwards awaiting their backward
     held_forwards: int
     margin: int
+    optimizer: int = 0  # the optimizer's part of `states`: AdamW's moments, or factored statistics
 
     @property
     def total(self) -> int:
@@ -284,8 +285,10 @@ class StageMemory:
 
 
 # fp32 weights (4) + fp32 gradients (4) + AdamW's two fp32 moments (8), per parameter: the same count as
-# TRAINING_BYTES_PER_PARAM in iota/cli.py (`iota presets`).
+# TRAINING_BYTES_PER_PARAM in iota/cli.py (`iota presets`). A preset with vocab_optimizer="factored" pays
+# the 8 of AdamW's moments only off its vocabulary matrices (`stage_optimizer_bytes`).
 TRAINING_BYTES_PER_PARAM = 16
+WEIGHT_AND_GRAD_BYTES_PER_PARAM = 8
 # Allocator fragmentation and workspaces on top of what the tensors hold.
 MEMORY_MARGIN = 0.10
 
@@ -313,6 +316,44 @@ def count_stage_parameters(cfg: ModelConfig) -> list[StageSize]:
     return sizes
 
 
+def stage_vocab_matrices(cfg: ModelConfig, stage: int) -> list[tuple[int, int]]:
+    """(rows, cols) of the stage's vocabulary matrices, as common.optim.vocab_parameter_names finds them on
+    the module: the head's embedding, a later stage's own token embedding, the tail's LM head."""
+    head, tail = stage == 0, stage == cfg.n_stages - 1
+    shapes = []
+    if head:
+        shapes.append((cfg.vocab_size, cfg.d_model))
+    elif cfg.stage_tokens:
+        shapes.append((cfg.vocab_size, cfg.token_dim))
+    if tail:
+        shapes.append((cfg.vocab_size, cfg.d_model))
+    return shapes
+
+
+def stage_embedding_parameters(cfg: ModelConfig, stage: int) -> int:
+    """Parameters of the stage's embedding tables, which the trainer does not stash (common.optim's
+    embedding_table_names): all its vocabulary matrices but the tail's LM head."""
+    shapes = stage_vocab_matrices(cfg, stage)
+    if stage == cfg.n_stages - 1:
+        shapes = shapes[:-1]
+    return sum(rows * cols for rows, cols in shapes)
+
+
+def stage_optimizer_bytes(cfg: ModelConfig, size: StageSize) -> int:
+    """The inner optimizer's state for the stage, as common.optim.build_inner_optimizer builds it: AdamW's
+    two fp32 moments on every parameter, except the vocabulary matrices of a `factored` preset, which keep
+    a row and a column statistic each (plus one chunk's temporaries during the step)."""
+    from common.optim import FACTORED_WORKSPACE_BYTES, optimizer_state_per_matrix
+
+    vocab = stage_vocab_matrices(cfg, size.stage)
+    if cfg.vocab_optimizer != "factored" or not vocab:
+        return size.parameters * (TRAINING_BYTES_PER_PARAM - WEIGHT_AND_GRAD_BYTES_PER_PARAM)
+    vocab_params = sum(rows * cols for rows, cols in vocab)
+    factored = sum(optimizer_state_per_matrix(rows, cols, "factored") for rows, cols in vocab)
+    rest = optimizer_state_per_matrix(1, size.parameters - vocab_params, "adamw")
+    return rest + factored + FACTORED_WORKSPACE_BYTES
+
+
 def estimate_stage_memory(
     cfg: ModelConfig, size: StageSize, batch: int, seq: int, in_flight: int
 ) -> StageMemory:
@@ -326,7 +367,8 @@ def estimate_stage_memory(
     projection's input). The head also keeps its fp32 embedding output; the tail runs one forward at a time
     (forward, loss and backward together) but holds bf16 logits, their fp32 log-softmax and its gradient.
     Every other stage keeps up to `in_flight` forwards, each of which may hold its own fp32 copy of the
-    weights (weight stashing, so that pipelined backwards are exact).
+    weights (weight stashing, so that pipelined backwards are exact) but for the embedding tables, which
+    the forwards share. The optimizer's state follows the preset's `vocab_optimizer`.
     """
     tokens = batch * seq
     tail = size.role == "tail"
@@ -337,8 +379,10 @@ def estimate_stage_memory(
     activations = held * tokens * per_token
     if tail:
         activations += tokens * cfg.vocab_size * (2 + 4 + 4)
-    states = size.parameters * TRAINING_BYTES_PER_PARAM
-    stash = 0 if tail else in_flight * size.parameters * 4
+    optimizer = stage_optimizer_bytes(cfg, size)
+    states = size.parameters * WEIGHT_AND_GRAD_BYTES_PER_PARAM + optimizer
+    stashed = size.parameters - stage_embedding_parameters(cfg, size.stage)
+    stash = 0 if tail else in_flight * stashed * 4
     margin = math.ceil((states + stash + activations) * MEMORY_MARGIN)
     return StageMemory(
         stage=size.stage,
@@ -349,6 +393,7 @@ def estimate_stage_memory(
         activations=activations,
         held_forwards=held,
         margin=margin,
+        optimizer=optimizer,
     )
 
 
@@ -381,7 +426,7 @@ def memory_result(
     have = f"{device} has {_gib(free)} free of {_gib(total)}"
     if chosen.total <= free:
         return ok(name, f"{which} of the {preset} run needs about {_gib(chosen.total)} (an estimate); {have}")
-    parts = [f"{_gib(chosen.states)} weights, gradients and AdamW state"]
+    parts = [f"{_gib(chosen.states)} weights, gradients and optimizer state"]
     if chosen.stash:
         parts.append(f"{_gib(chosen.stash)} stashed weights")
     parts.append(
@@ -532,18 +577,18 @@ class Preflight:
         return self.get(MinerSettings if self.role is Role.miner else ValidatorSettings)
 
     def check_orchestrator(self) -> CheckResult:
-        from common.protocol import RunStatus
+        from common.protocol import HEALTH, STATUS, RunStatus
 
         settings = self._role_settings()
         setting = env_name(type(settings), "orchestrator_url")
         url = settings.orchestrator_url.rstrip("/")
         try:
             with httpx.Client(timeout=HTTP_TIMEOUT_S) as http:
-                health = http.get(f"{url}/health")
+                health = http.get(f"{url}{HEALTH.path}")
                 if health.status_code != 200:
                     detail = f"HTTP {health.status_code}: {health.text[:200]}"
                     return fail("orchestrator", orchestrator_unreachable_message(url, setting, detail))
-                status = http.get(f"{url}/v1/status")
+                status = http.get(f"{url}{STATUS.path}")
             self.status = RunStatus.model_validate_json(status.content)
         except httpx.HTTPError as error:
             return fail(

@@ -30,11 +30,14 @@ from common.data import Corpus, batch_tokens, make_corpus
 from common.metrics import serve_daemon_metrics
 from common.model import ModelConfig
 from common.protocol import (
-    Ack,
+    MERGE_REPORT,
+    MINERS_REGISTER,
+    WORK_COMPLETE,
+    WORK_FAIL,
+    WORK_NEXT,
     ApplyReport,
     ArtifactRef,
     CompleteRequest,
-    CompleteResponse,
     FailRequest,
     GlobalWeights,
     MergeReportRequest,
@@ -45,7 +48,6 @@ from common.protocol import (
     UploadReport,
     WorkItem,
     WorkRequest,
-    WorkResponse,
 )
 from common.stopping import Stopping
 from common.storage import StorageError, download_from_url, upload_to_url
@@ -143,15 +145,14 @@ class MinerWorker:
         gpu_gb = None
         if self.device.startswith("cuda"):
             gpu_gb = torch.cuda.get_device_properties(torch.device(self.device)).total_memory / 2**30
-        reg = self.client.post(
-            "/v1/miners/register",
+        reg = self.client.call(
+            MINERS_REGISTER,
             RegisterRequest(
                 device=self.device,
                 gpu_memory_gb=gpu_gb,
                 corpus_fingerprint=self.corpus.fingerprint,
                 preferred_stage=self.settings.stage,
             ),
-            RegisterResponse,
         )
         same_place = (
             self.reg is not None
@@ -275,10 +276,9 @@ class MinerWorker:
         """One request for work, and the item if one came."""
         reg = self._session()
         with self.timings.measure("poll"):
-            resp = self.client.post(
-                "/v1/work/next",
+            resp = self.client.call(
+                WORK_NEXT,
                 WorkRequest(run_id=reg.run_id, session=reg.session, wait_s=self.settings.poll_wait_s),
-                WorkResponse,
                 extra_timeout_s=self.settings.poll_wait_s,
             )
         trainer = self._trainer()
@@ -317,12 +317,11 @@ class MinerWorker:
             return
         self.metrics.merge_seconds.labels(task.phase).observe(time.perf_counter() - started)
         try:
-            self.client.post(
-                "/v1/merge/report",
+            self.client.call(
+                MERGE_REPORT,
                 MergeReportRequest(
                     run_id=reg.run_id, session=reg.session, epoch=task.epoch, stage=task.stage, report=report
                 ),
-                Ack,
             )
         except Resync:
             raise
@@ -377,12 +376,11 @@ class MinerWorker:
             ref = ArtifactRef(key=item.output.key, size=len(output), sha256=content_hash(output))
         try:
             with self.timings.measure("report"):
-                self.client.post(
-                    "/v1/work/complete",
+                self.client.call(
+                    WORK_COMPLETE,
                     CompleteRequest(
                         run_id=reg.run_id, session=reg.session, item_id=item.item_id, output=ref, loss=loss
                     ),
-                    CompleteResponse,
                 )
         except Resync:
             trainer.discard()
@@ -479,8 +477,8 @@ class MinerWorker:
         if item.kind == "forward":
             self._trainer().drop(item.item_id)
         try:
-            self.client.post(
-                "/v1/work/fail",
+            self.client.call(
+                WORK_FAIL,
                 FailRequest(
                     run_id=reg.run_id,
                     session=reg.session,
@@ -488,7 +486,6 @@ class MinerWorker:
                     reason=reason[:500],
                     blame_input=blame_input,
                 ),
-                Ack,
             )
         except ApiError as error:
             log.info("could not report the failure of %s (%s); its deadline will", item.item_id, error.detail)

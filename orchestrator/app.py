@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.auth import AuthHTTPException
 from common.protocol import HEADER_PROTOCOL, HEADER_RUN, PROTOCOL_VERSION, ErrorBody
-from orchestrator.deps import BODY_MODELS
+from common.protocol.endpoints import signed_endpoints
 from orchestrator.metrics import status_loop
 from orchestrator.routers import dashboard, merge, metrics, miners, public, validators, work
 from orchestrator.scheduler import SchedulerError
@@ -155,15 +155,16 @@ def create_app(orchestrator: Orchestrator) -> FastAPI:
 
 
 def _complete_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    """`schema` with the models of signed bodies (`deps.signed_body`) in its components, where their
-    references point (FastAPI adds only the models it parses itself), and errors as JSON on every route
-    (FastAPI gives declared responses the route's media type: text/plain on /metrics)."""
+    """`schema` with the models of signed bodies (the table's, declared by `deps.serve`) in its components,
+    where their references point (FastAPI adds only the models it parses itself), and errors as JSON on
+    every route (FastAPI gives declared responses the route's media type: text/plain on /metrics)."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for name, model in BODY_MODELS.items():
+    for endpoint in signed_endpoints():
+        model = endpoint.request
         definition = model.model_json_schema(ref_template="#/components/schemas/{model}")
         for sub_name, sub in definition.pop("$defs", {}).items():
             components.setdefault(sub_name, sub)
-        components.setdefault(name, definition)
+        components.setdefault(model.__name__, definition)
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
     for operations in schema.get("paths", {}).values():
         for operation in operations.values():

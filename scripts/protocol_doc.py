@@ -1,18 +1,19 @@
-"""Generate the endpoint reference in docs/protocol.md from the orchestrator's FastAPI app.
+"""Generate the endpoint reference in docs/protocol.md from the table of endpoints and the orchestrator's app.
 
     python scripts/protocol_doc.py            # rewrite the generated part of docs/protocol.md
     python scripts/protocol_doc.py --check    # exit 1, printing a diff, when docs/protocol.md is stale
 
 The app is built the way the orchestrator builds it (`build_orchestrator`, an embedded S3 server and a local
-chain in a temporary folder), and only its OpenAPI schema is read: the lifespan never runs. The schema does
-not know everything an operator needs, so three things come from the code beside it:
+chain in a temporary folder), and only its OpenAPI schema and routes are read: the lifespan never runs.
+Each route is looked up in the table (`common.protocol.endpoints`), and every entry of the table must be
+served. What the schema does not say comes from beside it:
 
-- the request body: signed routes read their body themselves (to verify the signature over the raw bytes),
-  so the model is the one the endpoint hands to `parse(Model, req)`;
-- who may call: the route's dependencies (`deps.signed`, `deps.validator`);
+- the request body and who may call: the table (signed routes read their body themselves, to verify the
+  signature over the raw bytes, so FastAPI does not see it as a body);
 - the error codes: every `SchedulerError(status, "code", ...)` and `HTTPException` reachable from the
-  endpoint, found by following its calls, by name, through the orchestrator package. Following by name can
-  only over-approximate: a listed code is raised somewhere on a path the endpoint may take.
+  endpoint and its dependencies (the signed body's parsing; the signature checks are listed once, for all
+  signed routes), found by following their calls, by name, through the orchestrator package. Following by
+  name can only over-approximate: a listed code is raised somewhere on a path the endpoint may take.
 
 Only the part between the markers is rewritten; the hand-written introduction above it is kept.
 """
@@ -168,36 +169,29 @@ class ErrorIndex:
             for name, func in _functions(ast.parse(path.read_text()), module, codes):
                 self.by_name.setdefault(name, []).append(func)
 
-    def errors(self, endpoint: Callable[..., Any]) -> list[tuple[int, str, str]]:
-        """(status, code, message) of every error the endpoint's calls can raise, sorted and distinct."""
-        module = sys.modules[endpoint.__module__]
-        tree = ast.parse(inspect.getsource(module))
-        start = dict(_functions(tree, module.__name__, self.codes))[endpoint.__name__]
-        # The router module's own helpers (say `_same_run`), not its other endpoints.
-        local = dict(_functions(tree, module.__name__, self.codes, routes=False))
+    def errors(self, *starts: Callable[..., Any]) -> list[tuple[int, str, str]]:
+        """(status, code, message) of every error the calls of `starts` (an endpoint and its dependencies)
+        can raise, sorted and distinct."""
         found: dict[tuple[int, str], str] = {}
-        seen: set[str] = set()
-        todo = [start]
-        while todo:
-            func = todo.pop()
-            if func.where in seen:
-                continue
-            seen.add(func.where)
-            for status, code, message in func.raises:
-                found.setdefault((status, code), message)
-            for name in sorted(func.calls):
-                todo.extend([local[name]] if name in local else self.by_name.get(name, []))
+        for start in starts:
+            module = sys.modules[start.__module__]
+            tree = ast.parse(inspect.getsource(module))
+            node = ast.parse(textwrap.dedent(inspect.getsource(start))).body[0]
+            where = f"{module.__name__}.{start.__qualname__}"
+            # The module's own helpers (say a router's `_same_run`), not a router's other endpoints.
+            local = dict(_functions(tree, module.__name__, self.codes, routes=False))
+            seen: set[str] = set()
+            todo = [_analyse(start.__name__, where, node, self.codes)]
+            while todo:
+                func = todo.pop()
+                if func.where in seen:
+                    continue
+                seen.add(func.where)
+                for status, code, message in func.raises:
+                    found.setdefault((status, code), message)
+                for name in sorted(func.calls):
+                    todo.extend([local[name]] if name in local else self.by_name.get(name, []))
         return [(status, code, found[(status, code)]) for status, code in sorted(found)]
-
-
-def _body_model(endpoint: Callable[..., Any]) -> str | None:
-    """The model named in the endpoint's `parse(Model, req)`, if it reads a signed body."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(endpoint)))
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and _callee(node) == "parse" and node.args:
-            if isinstance(node.args[0], ast.Name):
-                return node.args[0].id
-    return None
 
 
 def _api_routes(app: Any) -> Iterator[tuple[str, Any]]:
@@ -221,6 +215,21 @@ def _dependency_calls(dependant: Any) -> Iterator[Any]:
     for dep in dependant.dependencies:
         yield dep.call
         yield from _dependency_calls(dep)
+
+
+def _error_sources(route: Any) -> list[Callable[..., Any]]:
+    """The endpoint and the functions of its dependencies (a dependency object's `__call__`), without the
+    signature checks (`deps.signed`, `deps.validator`), whose errors the reference lists once for all."""
+    from orchestrator import deps
+
+    sources = [route.endpoint]
+    for call in _dependency_calls(route.dependant):
+        if call in (deps.signed, deps.validator):
+            continue
+        func = call if inspect.isfunction(call) else type(call).__call__
+        if func not in sources:
+            sources.append(func)
+    return sources
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -331,7 +340,9 @@ def _field_rows(schema: dict[str, Any]) -> list[str]:
 
 
 @dataclass
-class Endpoint:
+class RouteDoc:
+    """What the reference says of one route."""
+
     method: str
     path: str
     tag: str
@@ -381,12 +392,12 @@ def _refs(node: Any) -> Iterator[str]:
             yield from _refs(value)
 
 
-def collect(app: Any) -> tuple[list[Endpoint], dict[str, dict[str, Any]], dict[int, str]]:
+def collect(app: Any) -> tuple[list[RouteDoc], dict[str, dict[str, Any]], dict[int, str]]:
     """The endpoints, the schemas they use (by name), and the app's status-to-code table."""
     import orchestrator
     from common import protocol
+    from common.protocol.endpoints import ENDPOINTS
     from orchestrator import app as app_module
-    from orchestrator import deps
 
     codes: dict[int, str] = dict(app_module._CODES)
     index = ErrorIndex(Path(orchestrator.__file__).parent, codes)
@@ -394,40 +405,42 @@ def collect(app: Any) -> tuple[list[Endpoint], dict[str, dict[str, Any]], dict[i
     schemas: dict[str, dict[str, Any]] = {
         name: s for name, s in openapi.get("components", {}).get("schemas", {}).items()
     }
+    table = {(e.method, e.path): e for e in ENDPOINTS}
     used: set[str] = set()
-    endpoints: list[Endpoint] = []
+    endpoints: list[RouteDoc] = []
     for path, route in _api_routes(app):
-        calls = set(_dependency_calls(route.dependant))
-        auth = "validator" if deps.validator in calls else "signed" if deps.signed in calls else "public"
-        request = _body_model(route.endpoint)
-        if request is not None:
-            model = route.endpoint.__globals__.get(request) or getattr(protocol, request)
-            definition = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            for name, sub in definition.pop("$defs", {}).items():
-                schemas.setdefault(name, sub)
-            schemas.setdefault(request, definition)
-            used.update([request, *(_ref_name(r) for r in _refs(definition))])
-        elif route.body_field is not None:
-            request = route.body_field.type_.__name__
         for method in sorted(route.methods):
+            entry = table.pop((method, path), None)
+            if entry is None:
+                raise RuntimeError(f"{method} {path} is served but not in common/protocol/endpoints.py")
+            request = None
+            if entry.request is not None:
+                request = entry.request.__name__
+                definition = entry.request.model_json_schema(ref_template="#/components/schemas/{model}")
+                for name, sub in definition.pop("$defs", {}).items():
+                    schemas.setdefault(name, sub)
+                schemas.setdefault(request, definition)
+                used.update([request, *(_ref_name(r) for r in _refs(definition))])
             operation = openapi.get("paths", {}).get(path, {}).get(method.lower())
             response, refs = _response(operation, route)
             used.update(refs)
             summary = route.summary or inspect.getdoc(route.endpoint) or ""
             endpoints.append(
-                Endpoint(
+                RouteDoc(
                     method=method,
                     path=path,
                     tag=str(route.tags[0]) if route.tags else "other",
-                    auth=auth,
+                    auth=entry.auth.value,
                     summary=summary,
                     in_schema=operation is not None,
                     request=request,
                     response=response,
                     parameters=list((operation or {}).get("parameters", [])),
-                    errors=index.errors(route.endpoint),
+                    errors=index.errors(*_error_sources(route)),
                 )
             )
+    if table:
+        raise RuntimeError(f"in the table but not served: {', '.join(f'{m} {p}' for m, p in table)}")
     documented = {(e.method.lower(), e.path) for e in endpoints}
     for path, operations in openapi.get("paths", {}).items():
         for method in operations:
@@ -495,7 +508,7 @@ def _auth_errors(codes: dict[int, str]) -> list[tuple[int, str, str, str]]:
     ]
 
 
-def render(endpoints: list[Endpoint], schemas: dict[str, dict[str, Any]], codes: dict[int, str]) -> str:
+def render(endpoints: list[RouteDoc], schemas: dict[str, dict[str, Any]], codes: dict[int, str]) -> str:
     from common.protocol import HEADER_PROTOCOL, PROTOCOL_VERSION
 
     out: list[str] = [
@@ -562,7 +575,7 @@ def render(endpoints: list[Endpoint], schemas: dict[str, dict[str, Any]], codes:
             ]
     out += ["", "## Schemas", ""]
     out.append(
-        "Models from `common/protocol.py`. Every message refuses unknown fields, so a typo or a field from "
+        "Models from `common/protocol/`. Every message refuses unknown fields, so a typo or a field from "
         "another protocol version fails loudly (422)."
     )
     for name, schema in schemas.items():

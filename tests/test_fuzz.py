@@ -15,11 +15,8 @@ code and content type, and a body that fits the documented schema (errors are de
 
 from __future__ import annotations
 
-import ast
-import inspect
 import json
 import re
-import textwrap
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -43,6 +40,7 @@ from schemathesis.specs.openapi.checks import (
 
 from common.auth import sign_request
 from common.protocol import (
+    ENDPOINTS,
     HEADER_PROTOCOL,
     HEADER_RUN,
     MAX_LOSS,
@@ -52,9 +50,10 @@ from common.protocol import (
     ErrorBody,
     MergeReportRequest,
     ScoresReport,
+    signed_endpoints,
 )
 from orchestrator.app import create_app
-from orchestrator.deps import BODY_MODELS
+from orchestrator.deps import BodyDependency
 from orchestrator.routers import public
 from tests import test_orchestrator_http as harness
 from tests.test_orchestrator_http import Net
@@ -204,10 +203,14 @@ def test_schema_declares_each_signed_body_and_the_error_format(start: Callable[.
     net = start()
     app = create_app(net.orch)
     openapi = app.openapi()
+    table = {(e.method, e.path): e for e in ENDPOINTS}
+    signed_bodies = {e.request.__name__ for e in signed_endpoints()}
     checked = 0
+    served: set[tuple[str, str]] = set()
     for path, _, route in api_routes(app):
         if not isinstance(route, APIRoute):
             continue
+        served |= {(method, path) for method in route.methods}
         for method in route.methods:
             if route.include_in_schema:
                 responses = openapi["paths"][path][method.lower()]["responses"]
@@ -216,21 +219,19 @@ def test_schema_declares_each_signed_body_and_the_error_format(start: Callable[.
                     assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (path, status)
         if path in PUBLIC_ROUTES:
             continue
-        # The model the endpoint hands to `parse(Model, req)` is the one it declares.
-        tree = ast.parse(textwrap.dedent(inspect.getsource(route.endpoint)))
+        # The model the route's body dependency (`SignedBody`) parses is the one it declares, the table's.
         parsed = {
-            node.args[0].id
-            for node in ast.walk(tree)
-            if isinstance(node, ast.Call)
-            and getattr(node.func, "id", "") == "parse"
-            and isinstance(node.args[0], ast.Name)
+            d.call.model.__name__ for d in route.dependant.dependencies if isinstance(d.call, BodyDependency)
         }
         declared = route.openapi_extra["requestBody"]["content"]["application/json"]["schema"]["$ref"]
         name = declared.rsplit("/", 1)[-1]
         assert parsed == {name}, (path, parsed, declared)
-        assert name in BODY_MODELS and name in openapi["components"]["schemas"]
+        (method,) = route.methods
+        assert table[(method, path)].request.__name__ == name, (path, table[(method, path)])
+        assert name in signed_bodies and name in openapi["components"]["schemas"]
         checked += 1
     assert checked >= 10
+    assert served == set(table), served ^ set(table)  # the table names every route, and only those
     assert "HTTPValidationError" not in openapi["components"]["schemas"]
     resp = httpx.get(f"{net.base_url}/v1/losses", params={"after": -1})
     assert resp.status_code == 422
@@ -277,7 +278,7 @@ def test_protocol_schemas_state_what_the_validators_check() -> None:
             for value in node:
                 yield from keys_of(value)
 
-    for model in BODY_MODELS.values():
+    for model in (e.request for e in signed_endpoints()):
         assert not set(keys_of(model.model_json_schema())) & leaked, model.__name__
 
     loss = CompleteRequest.model_json_schema()["properties"]["loss"]["anyOf"][0]

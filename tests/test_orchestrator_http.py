@@ -34,7 +34,12 @@ from common.model.stages import boundary_shape
 from common.protocol import (
     HEADER_PROTOCOL,
     HEADER_RUN,
+    MINERS_REGISTER,
     PROTOCOL_VERSION,
+    STATUS,
+    WORK_COMPLETE,
+    WORK_NEXT,
+    WORK_PRESIGN,
     ArtifactRef,
     CompleteRequest,
     CompleteResponse,
@@ -117,7 +122,7 @@ class Caller:
         return self.http.post(path, content=content)
 
     def register(self, fingerprint: str) -> RegisterResponse:
-        resp = self.post("/v1/miners/register", RegisterRequest(device="cpu", corpus_fingerprint=fingerprint))
+        resp = self.post(MINERS_REGISTER.path, RegisterRequest(device="cpu", corpus_fingerprint=fingerprint))
         assert resp.status_code == 200, resp.text
         self.reg = RegisterResponse.model_validate_json(resp.content)
         return self.reg
@@ -127,7 +132,7 @@ class Caller:
         return {"run_id": self.reg.run_id, "session": self.reg.session}
 
     def next(self, wait_s: float = 0.0) -> WorkResponse:
-        resp = self.post("/v1/work/next", WorkRequest(**self.session(), wait_s=wait_s))
+        resp = self.post(WORK_NEXT.path, WorkRequest(**self.session(), wait_s=wait_s))
         assert resp.status_code == 200, resp.text
         return WorkResponse.model_validate_json(resp.content)
 
@@ -140,11 +145,11 @@ class Caller:
         self, item_id: str, output: ArtifactRef | None = None, loss: float | None = None
     ) -> httpx.Response:
         return self.post(
-            "/v1/work/complete", CompleteRequest(**self.session(), item_id=item_id, output=output, loss=loss)
+            WORK_COMPLETE.path, CompleteRequest(**self.session(), item_id=item_id, output=output, loss=loss)
         )
 
     def presign(self, key: str) -> httpx.Response:
-        return self.post("/v1/work/presign", PresignRequest(**self.session(), key=key))
+        return self.post(WORK_PRESIGN.path, PresignRequest(**self.session(), key=key))
 
 
 @dataclass
@@ -172,7 +177,7 @@ class Net:
         return f"runs/{self.orch.run_id}/{hotkey}/"
 
     def status(self) -> RunStatus:
-        resp = httpx.get(f"{self.base_url}/v1/status")
+        resp = httpx.get(f"{self.base_url}{STATUS.path}")
         assert resp.status_code == 200, resp.text
         return RunStatus.model_validate_json(resp.content)
 
@@ -490,18 +495,14 @@ def test_one_sample_through_the_pipeline_over_http(net: Net) -> None:
     head, body, tail = clients
     hk = [k.ss58_address for k in net.keys.registered[:3]]
     regs = [
-        c.post(
-            "/v1/miners/register",
-            RegisterRequest(device="cpu", corpus_fingerprint=fingerprint),
-            RegisterResponse,
-        )
+        c.call(MINERS_REGISTER, RegisterRequest(device="cpu", corpus_fingerprint=fingerprint))
         for c in clients
     ]
     assert [r.stage for r in regs] == [0, 1, 2]
 
     def next_item(i: int) -> WorkItem:
         req = WorkRequest(run_id=regs[i].run_id, session=regs[i].session, wait_s=0)
-        item = clients[i].post("/v1/work/next", req, WorkResponse).item
+        item = clients[i].call(WORK_NEXT, req).item
         assert item is not None, f"stage {i} got no work"
         return item
 
@@ -509,7 +510,7 @@ def test_one_sample_through_the_pipeline_over_http(net: Net) -> None:
         req = CompleteRequest(
             run_id=regs[i].run_id, session=regs[i].session, item_id=item.item_id, output=out, loss=loss
         )
-        return clients[i].post("/v1/work/complete", req, CompleteResponse).sample_completed
+        return clients[i].call(WORK_COMPLETE, req).sample_completed
 
     def fetch(item: WorkItem, expected: ArtifactRef) -> None:
         """The input is exactly what the producer reported: same key, size and hash, and the bytes match."""
@@ -529,10 +530,7 @@ def test_one_sample_through_the_pipeline_over_http(net: Net) -> None:
     assert f0.input is None and f0.output is not None and f0.deadline_in_s > 0
     assert f0.output.key.startswith(net.prefix(hk[0]))
     assert (
-        body.post(
-            "/v1/work/next", WorkRequest(run_id=regs[1].run_id, session=regs[1].session), WorkResponse
-        ).item
-        is None
+        body.call(WORK_NEXT, WorkRequest(run_id=regs[1].run_id, session=regs[1].session)).item is None
     )  # nothing for stage 1 until the head has delivered
     act0 = upload(f0.output, boundary_payload(orch, 0))
     assert complete(0, f0, act0) is False

@@ -39,6 +39,7 @@ from common.protocol import (
     VerdictRequest,
     WorkRequest,
 )
+from common.protocol.endpoints import ENDPOINTS, Auth, signed_endpoints
 from common.s3server import EmbeddedS3
 from orchestrator import deps
 from orchestrator.app import create_app
@@ -159,6 +160,9 @@ def test_every_route_but_the_public_reads_needs_a_signature(net: Net) -> None:
         assert calls & {deps.signed, deps.validator}, f"{sorted(methods)} {path} has no signature check"
         guarded += [(method, path) for method in sorted(methods)]
     assert len(guarded) >= 10  # the miner, work, merge and validator routes
+    # The table (which the clients and docs/protocol.md use) says the same of each route.
+    assert {e.path for e in ENDPOINTS if e.auth is Auth.PUBLIC} <= set(PUBLIC_ROUTES)
+    assert {(e.method, e.path) for e in ENDPOINTS if e.auth is not Auth.PUBLIC} == set(guarded)
 
     before = state(net.orch)
     limit = net.orch.verifier.max_body_bytes
@@ -218,7 +222,7 @@ def test_every_validator_route_refuses_miners_and_leaves_no_trace(net: Net, chai
         if isinstance(route, APIRoute) and deps.validator in set(_dependencies(route.dependant))
     }
     # Every validator route is listed here (a new one must be added), and all of /v1/validators is guarded.
-    assert validator_routes == set(bodies)
+    assert validator_routes == set(bodies) == {e.path for e in ENDPOINTS if e.auth is Auth.VALIDATOR}
     assert {path for path, _, _ in routes if path.startswith("/v1/validators/")} == validator_routes
 
     miner = net.caller(net.keys.registered[0])
@@ -480,8 +484,8 @@ def _models_in(model: type[BaseModel]) -> Iterator[type[BaseModel]]:
 
 
 def test_no_request_carries_an_address_and_unknown_fields_are_refused() -> None:
-    # Every signed body (deps.BODY_MODELS, from the routes' declarations) and every model inside one.
-    models = {m for body in deps.BODY_MODELS.values() for m in _models_in(body)}
+    # Every signed body (the table's, which the routes parse and declare) and every model inside one.
+    models = {m for endpoint in signed_endpoints() for m in _models_in(endpoint.request)}
     assert {"RegisterRequest", "ValidatorRegisterRequest", "CompleteRequest"} <= {m.__name__ for m in models}
     for model in models:
         assert model.model_config.get("extra") == "forbid", f"{model.__name__} ignores unknown fields"

@@ -13,7 +13,7 @@ import pytest
 from bittensor.sp_core import Keypair
 
 from common.client import OrchestratorClient
-from common.protocol import RegisterRequest, RegisterResponse
+from common.protocol import MINERS_REGISTER, RegisterRequest
 from common.stopping import Stopping
 from common.storage import RetryPolicy, download_from_url, upload_to_url
 from tests.test_start_scripts import dead_port
@@ -42,9 +42,7 @@ def test_the_client_gives_up_its_retries_when_stopped() -> None:
     started = time.monotonic()
     threading.Timer(STOP_AFTER_S, stop.set).start()
     with pytest.raises(Stopping, match="POST /v1/miners/register: not retried"):
-        client.post(
-            "/v1/miners/register", RegisterRequest(device="cpu", corpus_fingerprint=""), RegisterResponse
-        )
+        client.call(MINERS_REGISTER, RegisterRequest(device="cpu", corpus_fingerprint=""))
     assert STOP_AFTER_S <= time.monotonic() - started < STOP_AFTER_S + PROMPT_S  # it did retry until then
     client.close()
 

@@ -22,7 +22,6 @@ from typing import Any
 import httpx
 import torch
 from bittensor.sp_core import Keypair
-from pydantic import TypeAdapter
 
 from common.chain import Chain
 from common.client import ApiError, OrchestratorClient, Resync, Unavailable
@@ -31,20 +30,22 @@ from common.data import Corpus, make_corpus
 from common.metrics import serve_daemon_metrics
 from common.model import ModelConfig
 from common.protocol import (
-    Ack,
+    LEDGER,
+    LOSSES,
+    STATUS,
+    VALIDATORS_REGISTER,
+    VALIDATORS_SCORES,
+    VALIDATORS_TASK,
+    VALIDATORS_VERDICT,
     DownloadSource,
-    EpochLedger,
-    LossPage,
     LossRecord,
     MinerScoreEntry,
     ReplayVerdict,
-    RunStatus,
     ScoresReport,
     ValidationTask,
     ValidatorRegisterRequest,
     ValidatorRegisterResponse,
     ValidatorTaskRequest,
-    ValidatorTaskResponse,
     VerdictRequest,
 )
 from common.stopping import Stopping
@@ -56,10 +57,6 @@ from validator.scoring import MinerScore, ScoringConfig, score_miners, weights_f
 from validator.settings import ValidatorSettings
 
 log = logging.getLogger("iota.validator")
-
-_LEDGERS = TypeAdapter(list[EpochLedger])
-_STATUS = TypeAdapter(RunStatus)
-_LOSSES = TypeAdapter(LossPage)
 
 
 def pick_device(name: str) -> str:
@@ -139,10 +136,9 @@ class ValidatorDaemon:
     # -- registration ---------------------------------------------------------------------------------------
 
     def register(self) -> ValidatorRegisterResponse:
-        self.reg = self.client.post(
-            "/v1/validators/register",
+        self.reg = self.client.call(
+            VALIDATORS_REGISTER,
             ValidatorRegisterRequest(device=self.device, corpus_fingerprint=self.corpus.fingerprint),
-            ValidatorRegisterResponse,
         )
         log.info("validating run %s on %s", self.reg.run_id, self.device)
         return self.reg
@@ -183,10 +179,9 @@ class ValidatorDaemon:
     def step(self) -> ReplayVerdict | None:
         """Lease one task (waiting up to poll_wait_s), replay it and report the verdict."""
         reg = self._registered()
-        resp = self.client.post(
-            "/v1/validators/task",
+        resp = self.client.call(
+            VALIDATORS_TASK,
             ValidatorTaskRequest(run_id=reg.run_id, wait_s=self.settings.poll_wait_s),
-            ValidatorTaskResponse,
             extra_timeout_s=self.settings.poll_wait_s,
         )
         if resp.task is None:
@@ -220,10 +215,8 @@ class ValidatorDaemon:
             self.replays["unreplayable"] += 1
             log.exception("replaying task %s (%s) failed", task.task_id, task.miner[:8])
             return None
-        self.client.post(
-            "/v1/validators/verdict",
-            VerdictRequest(run_id=reg.run_id, task_id=task.task_id, verdict=verdict),
-            Ack,
+        self.client.call(
+            VALIDATORS_VERDICT, VerdictRequest(run_id=reg.run_id, task_id=task.task_id, verdict=verdict)
         )
         self.replays["passed" if verdict.passed else "failed"] += 1
         self.metrics.replay_seconds.observe(verdict.replay_s)
@@ -258,9 +251,9 @@ class ValidatorDaemon:
 
     def compute_weights(self) -> WeightsRound:
         """Score every miner from the ledger and CLASP over the latest losses; no side effects on chain."""
-        status = self.client.get("/v1/status", _STATUS)
+        status = self.client.call(STATUS)
         first = max(0, status.epoch - self.scoring.window_epochs)
-        ledgers = self.client.get("/v1/ledger", _LEDGERS, {"after_epoch": first, "limit": 1000})
+        ledgers = self.client.call(LEDGER, params={"after_epoch": first, "limit": 1000})
         self._pull_losses()
         effects = estimate_effects(self.losses, status.n_stages)
         metagraph = self.chain.metagraph()
@@ -317,7 +310,7 @@ class ValidatorDaemon:
                 },
                 weights=result.weights,
             )
-            self.client.post("/v1/validators/scores", report, Ack)
+            self.client.call(VALIDATORS_SCORES, report)
         except Exception as error:  # the dashboard missing a round must never cost a weights round
             log.warning("could not report this round's scores to the orchestrator: %s", error)
             return False
@@ -325,7 +318,7 @@ class ValidatorDaemon:
 
     def _pull_losses(self) -> None:
         while True:
-            page = self.client.get("/v1/losses", _LOSSES, {"after": self._losses_after, "limit": 10_000})
+            page = self.client.call(LOSSES, params={"after": self._losses_after, "limit": 10_000})
             if not page.records:
                 break
             self.losses = (self.losses + page.records)[-self.settings.clasp_records :]

@@ -8,9 +8,17 @@ from importlib import resources
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
-from common.protocol import DashboardData, EpochProgress, MergeSummary, MinerThroughput, ValidatorScores
+from common.protocol import (
+    DASHBOARD_DATA,
+    DASHBOARD_PAGE,
+    DashboardData,
+    EpochProgress,
+    MergeSummary,
+    MinerThroughput,
+    ValidatorScores,
+)
 from orchestrator.dashboard_state import consensus
-from orchestrator.deps import Orch
+from orchestrator.deps import Orch, serve
 from orchestrator.routers.public import run_status
 from orchestrator.service import Orchestrator
 
@@ -102,13 +110,13 @@ def dashboard_data(orch: Orchestrator) -> DashboardData:
     )
 
 
-@router.get("/v1/dashboard", response_model=DashboardData)
+@serve(router, DASHBOARD_DATA)
 async def data(orch: Orch) -> DashboardData:
     """Everything the dashboard page shows, in one read."""
     return dashboard_data(orch)
 
 
-@router.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
+@serve(router, DASHBOARD_PAGE, response_class=HTMLResponse, include_in_schema=False)
 async def page() -> HTMLResponse:
     """The live dashboard: one self-contained HTML page that polls `GET /v1/dashboard`."""
     html = resources.files("orchestrator").joinpath("static/dashboard.html").read_text(encoding="utf-8")

@@ -7,12 +7,13 @@ from fastapi import APIRouter, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from orchestrator.deps import Orch
+from common.protocol import METRICS
+from orchestrator.deps import Orch, serve
 
 router = APIRouter(tags=["public"])
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+@serve(router, METRICS, response_class=PlainTextResponse)
 async def metrics(orch: Orch) -> Response:
     """The orchestrator's Prometheus metrics, in the Prometheus text format."""
     # On the event loop, where the scheduler's state changes, so a scrape reads it consistently.

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from common.protocol import RegisterRequest, RegisterResponse
-from orchestrator.deps import Orch, Signed, parse, signed_body
+from common.protocol import MINERS_REGISTER, RegisterRequest, RegisterResponse
+from orchestrator.deps import Orch, Signed, SignedBody, serve
 from orchestrator.scheduler import SchedulerError
 
-router = APIRouter(prefix="/v1/miners", tags=["miners"])
+router = APIRouter(tags=["miners"])
 
 
-@router.post("/register", response_model=RegisterResponse, openapi_extra=signed_body(RegisterRequest))
-async def register(req: Signed, orch: Orch) -> RegisterResponse:
+@serve(router, MINERS_REGISTER)
+async def register(
+    req: Signed, orch: Orch, body: RegisterRequest = SignedBody(MINERS_REGISTER)
+) -> RegisterResponse:
     """Join the run: get a stage, a session, the model, the data and the global weights to load."""
-    body = parse(RegisterRequest, req)
     if body.corpus_fingerprint != orch.spec.data.fingerprint:
         raise SchedulerError(
             409,

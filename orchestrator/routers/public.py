@@ -5,7 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Query
 
 from common.protocol import (
+    HEALTH,
+    LEDGER,
+    LOSSES,
+    MERGES,
     PROTOCOL_VERSION,
+    STATUS,
     EpochLedger,
     LossPage,
     LossRecord,
@@ -15,7 +20,7 @@ from common.protocol import (
     StageStatus,
 )
 from orchestrator.assignment import stage_capacity
-from orchestrator.deps import Orch
+from orchestrator.deps import Orch, serve
 from orchestrator.service import Orchestrator
 
 router = APIRouter(tags=["public"])
@@ -24,12 +29,12 @@ router = APIRouter(tags=["public"])
 MAX_ID = 2**63 - 1
 
 
-@router.get("/health")
+@serve(router, HEALTH)
 async def health(orch: Orch) -> dict[str, str]:
     return {"status": "ok", "run_id": orch.run_id}
 
 
-@router.get("/v1/status", response_model=RunStatus)
+@serve(router, STATUS)
 async def status(orch: Orch) -> RunStatus:
     return run_status(orch)
 
@@ -82,7 +87,7 @@ def run_status(orch: Orchestrator) -> RunStatus:
     )
 
 
-@router.get("/v1/losses", response_model=LossPage)
+@serve(router, LOSSES)
 async def losses(
     orch: Orch, after: int = Query(0, ge=0, le=MAX_ID), limit: int = Query(1000, ge=1, le=10_000)
 ) -> LossPage:
@@ -95,7 +100,7 @@ async def losses(
     return LossPage(records=records, next_after=records[-1].seq if records else after)
 
 
-@router.get("/v1/merges", response_model=list[MergeRecord])
+@serve(router, MERGES)
 async def merges(
     orch: Orch, after_epoch: int = Query(0, ge=0, le=MAX_ID), limit: int = Query(100, ge=1, le=1000)
 ) -> list[MergeRecord]:
@@ -103,7 +108,7 @@ async def merges(
     return orch.epochs.records(after_epoch, limit)
 
 
-@router.get("/v1/ledger", response_model=list[EpochLedger])
+@serve(router, LEDGER)
 async def ledger(
     orch: Orch, after_epoch: int = Query(0, ge=0, le=MAX_ID), limit: int = Query(100, ge=1, le=1000)
 ) -> list[EpochLedger]:

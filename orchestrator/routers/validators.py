@@ -8,6 +8,10 @@ import asyncio
 from fastapi import APIRouter
 
 from common.protocol import (
+    VALIDATORS_REGISTER,
+    VALIDATORS_SCORES,
+    VALIDATORS_TASK,
+    VALIDATORS_VERDICT,
     Ack,
     ScoresReport,
     ValidatorRegisterRequest,
@@ -16,10 +20,10 @@ from common.protocol import (
     ValidatorTaskResponse,
     VerdictRequest,
 )
-from orchestrator.deps import Orch, Validator, parse, signed_body
+from orchestrator.deps import Orch, SignedBody, Validator, serve
 from orchestrator.scheduler import SchedulerError
 
-router = APIRouter(prefix="/v1/validators", tags=["validators"])
+router = APIRouter(tags=["validators"])
 
 _POLL_S = 0.5  # how often a held task request looks again; tasks appear only when merges close
 
@@ -29,12 +33,11 @@ def _same_run(orch: Orch, run_id: str) -> None:
         raise SchedulerError(409, "run_mismatch", f"this orchestrator runs {orch.run_id}; register again")
 
 
-@router.post(
-    "/register", response_model=ValidatorRegisterResponse, openapi_extra=signed_body(ValidatorRegisterRequest)
-)
-async def register(req: Validator, orch: Orch) -> ValidatorRegisterResponse:
+@serve(router, VALIDATORS_REGISTER)
+async def register(
+    req: Validator, orch: Orch, body: ValidatorRegisterRequest = SignedBody(VALIDATORS_REGISTER)
+) -> ValidatorRegisterResponse:
     """Join as a validator: the run's model, data and training settings, to replay miners' work with."""
-    body = parse(ValidatorRegisterRequest, req)
     if body.corpus_fingerprint != orch.spec.data.fingerprint:
         raise SchedulerError(
             409,
@@ -53,10 +56,11 @@ async def register(req: Validator, orch: Orch) -> ValidatorRegisterResponse:
     )
 
 
-@router.post("/task", response_model=ValidatorTaskResponse, openapi_extra=signed_body(ValidatorTaskRequest))
-async def task(req: Validator, orch: Orch) -> ValidatorTaskResponse:
+@serve(router, VALIDATORS_TASK)
+async def task(
+    req: Validator, orch: Orch, body: ValidatorTaskRequest = SignedBody(VALIDATORS_TASK)
+) -> ValidatorTaskResponse:
     """A replay task leased to the caller, waiting up to `wait_s` for one."""
-    body = parse(ValidatorTaskRequest, req)
     _same_run(orch, body.run_id)
     loop = asyncio.get_running_loop()
     until = loop.time() + min(body.wait_s, orch.settings.poll_wait_s)
@@ -68,20 +72,18 @@ async def task(req: Validator, orch: Orch) -> ValidatorTaskResponse:
         await asyncio.sleep(min(_POLL_S, remaining))
 
 
-@router.post("/verdict", response_model=Ack, openapi_extra=signed_body(VerdictRequest))
-async def verdict(req: Validator, orch: Orch) -> Ack:
+@serve(router, VALIDATORS_VERDICT)
+async def verdict(req: Validator, orch: Orch, body: VerdictRequest = SignedBody(VALIDATORS_VERDICT)) -> Ack:
     """Report the verdict of a replay the caller leased."""
-    body = parse(VerdictRequest, req)
     _same_run(orch, body.run_id)
     orch.validation.verdict(req.hotkey, body.task_id, body.verdict)
     return Ack()
 
 
-@router.post("/scores", response_model=Ack, openapi_extra=signed_body(ScoresReport))
-async def scores(req: Validator, orch: Orch) -> Ack:
+@serve(router, VALIDATORS_SCORES)
+async def scores(req: Validator, orch: Orch, body: ScoresReport = SignedBody(VALIDATORS_SCORES)) -> Ack:
     """The caller's latest scores and the weights it set on the chain, for the dashboard. Only the latest
     report per validator is kept, in memory; it decides nothing (weights take effect on the chain)."""
-    body = parse(ScoresReport, req)
     _same_run(orch, body.run_id)
     orch.dashboard.receive(req.hotkey, body)
     return Ack()

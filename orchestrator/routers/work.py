@@ -7,6 +7,10 @@ import asyncio
 from fastapi import APIRouter, Response
 
 from common.protocol import (
+    WORK_COMPLETE,
+    WORK_FAIL,
+    WORK_NEXT,
+    WORK_PRESIGN,
     Ack,
     CompleteRequest,
     CompleteResponse,
@@ -17,20 +21,21 @@ from common.protocol import (
     WorkResponse,
 )
 from common.storage import StorageError
-from orchestrator.deps import Orch, Signed, parse, signed_body
+from orchestrator.deps import Orch, Signed, SignedBody, serve
 from orchestrator.scheduler import SchedulerError
 
-router = APIRouter(prefix="/v1/work", tags=["work"])
+router = APIRouter(tags=["work"])
 
 
-@router.post("/next", response_model=WorkResponse, openapi_extra=signed_body(WorkRequest))
-async def next_work(req: Signed, orch: Orch, response: Response) -> WorkResponse:
+@serve(router, WORK_NEXT)
+async def next_work(
+    req: Signed, orch: Orch, response: Response, body: WorkRequest = SignedBody(WORK_NEXT)
+) -> WorkResponse:
     """The caller's next item, waiting up to `wait_s` for one; also lists forward state to drop.
 
     `Server-Timing: wait;dur=<ms>` says how long the request was parked waiting for work, so a client can
     tell the orchestrator's latency from the time there was nothing to do.
     """
-    body = parse(WorkRequest, req)
     loop = asyncio.get_running_loop()
     parked_s = 0.0
     until = loop.time() + min(body.wait_s, orch.settings.poll_wait_s)
@@ -63,10 +68,11 @@ async def next_work(req: Signed, orch: Orch, response: Response) -> WorkResponse
     )
 
 
-@router.post("/complete", response_model=CompleteResponse, openapi_extra=signed_body(CompleteRequest))
-async def complete(req: Signed, orch: Orch) -> CompleteResponse:
+@serve(router, WORK_COMPLETE)
+async def complete(
+    req: Signed, orch: Orch, body: CompleteRequest = SignedBody(WORK_COMPLETE)
+) -> CompleteResponse:
     """Report an item done. The output object must exist with exactly the reported size and sha256."""
-    body = parse(CompleteRequest, req)
     miner = orch.scheduler.session_miner(req.hotkey, body.run_id, body.session)
     item = orch.scheduler.check_complete(miner, body)
     if item is not None and body.output is not None:
@@ -81,19 +87,17 @@ async def complete(req: Signed, orch: Orch) -> CompleteResponse:
     return CompleteResponse(sample_completed=orch.scheduler.complete(miner, body))
 
 
-@router.post("/fail", response_model=Ack, openapi_extra=signed_body(FailRequest))
-async def fail(req: Signed, orch: Orch) -> Ack:
+@serve(router, WORK_FAIL)
+async def fail(req: Signed, orch: Orch, body: FailRequest = SignedBody(WORK_FAIL)) -> Ack:
     """Give up on the caller's current item; with `blame_input`, its input was bad."""
-    body = parse(FailRequest, req)
     miner = orch.scheduler.session_miner(req.hotkey, body.run_id, body.session)
     orch.scheduler.fail_item(miner, body.item_id, body.reason, blame_input=body.blame_input)
     return Ack()
 
 
-@router.post("/presign", response_model=UploadTarget, openapi_extra=signed_body(PresignRequest))
-async def presign(req: Signed, orch: Orch) -> UploadTarget:
+@serve(router, WORK_PRESIGN)
+async def presign(req: Signed, orch: Orch, body: PresignRequest = SignedBody(WORK_PRESIGN)) -> UploadTarget:
     """A fresh upload URL for the output of the caller's current item (and for no other key)."""
-    body = parse(PresignRequest, req)
     miner = orch.scheduler.session_miner(req.hotkey, body.run_id, body.session)
     orch.scheduler.may_upload(miner, body.key)
     return orch.links.upload_target(body.key)
