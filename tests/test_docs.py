@@ -141,6 +141,8 @@ COVERED = [
     (r"python bench/replay_sim\.py( .*)?", "tests/test_replay.py"),
     (r"python bench/compression\.py( .*)?", "tests/test_bench_compression.py"),
     (r"python bench/load\.py( .*)?", "tests/test_bench_load.py"),
+    # The dry run end to end, and the real run's refusal without CUDA.
+    (r"\./scripts/gpu_check\.sh( .*)?", "tests/test_gpu_check.py"),
 ]
 
 _CHAIN = "needs the real Bittensor chain (and TAO), or creates keys in ~/.bittensor"
@@ -417,7 +419,7 @@ def _stages(text: str) -> list[int]:
 
 def test_miner_hardware_table_matches_the_model() -> None:
     from common.model import PRESETS, get_preset, stage_sizes
-    from iota.cli import TRAINING_BYTES_PER_PARAM
+    from iota.preflight import WEIGHT_AND_GRAD_BYTES_PER_PARAM, stage_optimizer_bytes
 
     rows = [
         m for line in (ROOT / "docs" / "miner.md").read_text().splitlines() if (m := _SIZE_ROW.match(line))
@@ -434,7 +436,10 @@ def test_miner_hardware_table_matches_the_model() -> None:
                 f"{row['preset']} stage {stage} is a {sizes[stage].role}"
             )
             listed.setdefault(row["preset"], []).append(stage)
-        assert f"{params * TRAINING_BYTES_PER_PARAM / 2**30:.2f}" == row["gib"], row.group(0)
+        # Weights, gradients and the optimizer's state, as the preset's vocab_optimizer makes it.
+        cfg = get_preset(row["preset"])
+        states = params * WEIGHT_AND_GRAD_BYTES_PER_PARAM + stage_optimizer_bytes(cfg, sizes[stage])
+        assert f"{states / 2**30:.2f}" == row["gib"], row.group(0)
     for preset in PRESETS:
         n_stages = len(stage_sizes(get_preset(preset)))
         assert sorted(listed.get(preset, [])) == list(range(n_stages)), f"{preset}: every stage, once"

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from common.chain import Neuron
 from common.config import ChainSettings, WalletSettings
-from common.model import get_preset, stage_sizes
+from common.model import ModelConfig, get_preset, stage_sizes
 from iota import preflight
 from iota.cli import app
 from iota.preflight import (
@@ -132,8 +132,12 @@ def test_the_memory_estimate_counts_states_stashes_and_activations() -> None:
     for stage in (head, body, tail):
         assert stage.states == stage.parameters * 16  # fp32 weights, gradients and AdamW moments
         assert stage.margin == pytest.approx(0.1 * (stage.total - stage.margin), abs=1)
-    # Every stage but the tail keeps up to in_flight forwards, each with its own copy of the weights.
-    assert (body.held_forwards, body.stash) == (4, 4 * body.parameters * 4)
+    # Every stage but the tail keeps up to in_flight forwards, each with its own copy of the weights but
+    # the embedding tables (the body's own token embedding, vocab x token_dim), which they share.
+    cfg = get_preset("1.5b")
+    table = cfg.vocab_size * cfg.token_dim
+    assert (body.held_forwards, body.stash) == (4, 4 * (body.parameters - table) * 4)
+    assert head.stash == 4 * (head.parameters - cfg.vocab_size * cfg.d_model) * 4
     assert (tail.held_forwards, tail.stash) == (1, 0)
     # Activations grow with the tokens held.
     (_, body_one, _) = _estimates("1.5b", batch=1, seq=1024, in_flight=1)
@@ -142,11 +146,65 @@ def test_the_memory_estimate_counts_states_stashes_and_activations() -> None:
     assert body_one.total < 16 * GIB < body.total
 
 
+def _default_run_estimates(cfg: ModelConfig) -> list[StageMemory]:
+    """The estimate `iota check miner` makes for a run of `cfg` at the defaults: the data's batch and
+    sequence, the orchestrator's max_outstanding."""
+    from common.config import DataSettings
+    from orchestrator.settings import OrchestratorSettings
+
+    batch = DataSettings.model_fields["batch_size"].default
+    seq = DataSettings.model_fields["seq_len"].default
+    in_flight = OrchestratorSettings.model_fields["max_outstanding"].default
+    return [estimate_stage_memory(cfg, size, batch, seq, in_flight) for size in count_stage_parameters(cfg)]
+
+
+# A "16 GB" card as sold (16e9 bytes; most have 16 GiB) less what the CUDA context takes.
+CARD_16GB = 16 * 10**9 - GIB // 2
+
+
+def test_every_15b_stage_fits_a_16gb_card_at_the_runs_defaults() -> None:
+    estimates = _default_run_estimates(get_preset("15b"))
+    assert all(e.total <= CARD_16GB for e in estimates), [
+        f"{e.stage}: {e.total / GIB:.1f}" for e in estimates
+    ]
+    # The preset before did not (2 blocks a body stage, AdamW everywhere): not one of its stages fits.
+    before = get_preset("15b", stage_blocks=(1,) + (2,) * 24 + (1,), vocab_optimizer="adamw")
+    assert min(e.total for e in _default_run_estimates(before)) > CARD_16GB
+    # The optimizer is what lets the tail fit: with AdamW on its LM head it would not.
+    adamw_tail = _default_run_estimates(get_preset("15b", vocab_optimizer="adamw"))[-1]
+    assert adamw_tail.total > CARD_16GB > estimates[-1].total
+    assert estimates[-1].optimizer < adamw_tail.optimizer / 2
+
+
+def test_the_15b_model_still_grows_with_its_stages() -> None:
+    cfg = get_preset("15b")
+    assert sum(s.parameters for s in count_stage_parameters(cfg)) > 14e9
+    wider = cfg.with_overrides(stage_blocks=(0,) + (1,) * 60)
+    assert sum(s.parameters for s in count_stage_parameters(wider)) > 17e9
+    assert all(e.total <= CARD_16GB for e in _default_run_estimates(wider))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "100m", "15b"])
+def test_the_estimates_vocabulary_and_tables_are_the_modules(preset: str) -> None:
+    from common.model import build_stage
+    from common.optim import embedding_table_names, vocab_parameter_names
+
+    cfg = get_preset(preset, stage_blocks=(1, 0, 1))  # few blocks: the tables are what is counted
+    for stage in range(cfg.n_stages):
+        module = build_stage(cfg, stage, device="meta")
+        params = dict(module.named_parameters())
+        shapes = sorted(tuple(params[n].shape) for n in vocab_parameter_names(module))
+        assert shapes == sorted(preflight.stage_vocab_matrices(cfg, stage))
+        tables = sum(params[n].numel() for n in embedding_table_names(module))
+        assert tables == preflight.stage_embedding_parameters(cfg, stage)
+
+
 def test_a_stage_that_does_not_fit_fails_with_both_numbers_and_the_advice() -> None:
     estimates = _estimates("1.5b", batch=2, seq=1024, in_flight=2)
     largest = max(e.total for e in estimates)
     smallest = min(estimates, key=lambda e: e.total)
-    free = (smallest.total + largest) // 2  # room for the smallest stage only
+    runner_up = sorted(e.total for e in estimates)[1]
+    free = (smallest.total + runner_up) // 2  # room for the smallest stage only
     result = memory_result(estimates, None, free, 16 * GIB, device="cuda:0", preset="1.5b", batch=2, seq=1024)
     assert result.fatal
     assert f"it needs about {largest / GIB:,.1f} GiB" in result.message

@@ -9,7 +9,7 @@ baseline.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 # The byte-level tokenizer's 256 bytes plus BOS/EOS/PAD, padded to a multiple of 64 for efficient matmuls.
 BYTE_VOCAB_SIZE = 320
@@ -32,6 +32,10 @@ class ModelConfig:
     # The token ids cost nothing on the wire (each miner loads them by sample id, as the tail does for its
     # labels), so the bottleneck only has to carry context; a width below d_model is projected up.
     token_dim: int = 0
+    # How the inner optimizer trains the vocabulary matrices (token embeddings, LM head): `adamw` as every
+    # other parameter, or `factored` (common/optim.py: Adafactor's row and column statistics, ~0 bytes of
+    # state instead of AdamW's 8 per parameter) where a 128k x d matrix would not fit a stage otherwise.
+    vocab_optimizer: Literal["adamw", "factored"] = "adamw"
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -51,6 +55,8 @@ class ModelConfig:
             raise ValueError(f"token_dim {self.token_dim} must be between 0 and d_model {self.d_model}")
         if self.bottleneck_ratio < 1 or self.d_model % self.bottleneck_ratio:
             raise ValueError(f"bottleneck_ratio {self.bottleneck_ratio} must divide d_model {self.d_model}")
+        if self.vocab_optimizer not in ("adamw", "factored"):
+            raise ValueError(f"vocab_optimizer must be 'adamw' or 'factored', got {self.vocab_optimizer!r}")
 
     @property
     def head_dim(self) -> int:
@@ -137,7 +143,9 @@ PRESETS: dict[str, ModelConfig] = {
         max_seq_len=1024,
         token_dim=256,
     ),
-    # The reference network's production size: 3 stages, each within a 16 GB GPU with fp32 AdamW.
+    # The reference network's production size: 3 stages, whose fp32 weights, gradients and AdamW state fit
+    # a 16 GB GPU; with the run's default 4 outstanding forwards of 8 x 256, the head and body do not
+    # (docs/miner.md), with 1 they do.
     # Head and tail carry the 128k-vocabulary embedding and LM head, so they hold fewer blocks.
     "1.5b": ModelConfig(
         name="1.5b",
@@ -151,8 +159,11 @@ PRESETS: dict[str, ModelConfig] = {
         rope_theta=500000.0,
         token_dim=128,
     ),
-    # d=5120, 50 blocks, 128k vocabulary, as the reference's 15B run, split so that each stage holds
-    # about 0.5B parameters: a 16 GB GPU then holds its fp32 weights, gradients and AdamW state.
+    # d=5120, 50 blocks, 128k vocabulary, as the reference's 15B run, split to fit a 16 GB GPU at the run's
+    # default batch (8 x 256) and 4 outstanding forwards, each of which may stash its own fp32 copy of the
+    # stage's weights. One 275M-parameter block per body stage (about 12 GiB by iota/preflight.py's estimate);
+    # the head holds only the 657M embedding (not stashed: its backward does not read it), the tail one block
+    # and the 657M LM head (the tail stashes nothing), both matrices with the factored optimizer.
     "15b": ModelConfig(
         name="15b",
         vocab_size=128256,
@@ -160,10 +171,11 @@ PRESETS: dict[str, ModelConfig] = {
         n_heads=40,
         n_kv_heads=8,
         ffn_hidden=13824,
-        stage_blocks=(1,) + (2,) * 24 + (1,),
+        stage_blocks=(0,) + (1,) * 50,
         max_seq_len=1024,
         rope_theta=500000.0,
         token_dim=128,
+        vocab_optimizer="factored",
     ),
 }
 
