@@ -207,6 +207,12 @@ def run_devnet_command(
     status_interval: float = typer.Option(
         10.0, min=0.1, help="Seconds between status lines when stdout is not a terminal (a log file, CI)."
     ),
+    miner_device: str = typer.Option(
+        "cpu",
+        "--miner-device",
+        help="Where the miners train (IOTA_MINER_DEVICE: cpu, cuda, cuda:N); `cuda` shares one GPU among "
+        "them all. Validators replay on the CPU.",
+    ),
     s3_endpoint: str = typer.Option(
         None,
         "--s3-endpoint",
@@ -245,6 +251,7 @@ def run_devnet_command(
         validation_fraction=validation_fraction,
         burn_fraction=burn,
         s3=S3Settings(endpoint_url=s3_endpoint) if s3_endpoint else None,
+        miner_device=miner_device,
     )
     # On a terminal one line updates in place; elsewhere (a log file, CI, nohup) Live would print nothing
     # until the end, so the same line is printed anew every `status_interval` seconds.
