@@ -23,7 +23,6 @@ with no cheat at all.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -35,16 +34,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python bench/<name>.py`, not `-m bench.<name>`: see bench/_repo_root.py
+    import _repo_root  # noqa: F401
 
-from bench.replay_sim import SEED, TRAINING, default_corpus, torch_threads  # noqa: E402
-from bench.report import emit  # noqa: E402
-from common.data import SampleSchedule, batch_tokens  # noqa: E402
-from common.model import get_preset  # noqa: E402
-from common.protocol import LossRecord  # noqa: E402
-from common.training import StageTrainer  # noqa: E402
-from miner.behaviors import Behavior, BehaviorPolicy  # noqa: E402
-from validator.clasp import ClaspConfig, estimate_effects  # noqa: E402
+from bench.replay_sim import SEED, TRAINING, default_corpus, torch_threads
+from bench.report import emit
+from common.data import SampleSchedule, batch_tokens
+from common.model import get_preset
+from common.protocol import LossRecord
+from common.training import StageTrainer
+from miner.behaviors import Behavior, BehaviorPolicy
+from validator.clasp import ClaspConfig, estimate_effects
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 N_STAGES = 3
@@ -342,14 +342,14 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"\npool {result['elapsed_s']['pool']:.0f} s, table {result['elapsed_s']['table']:.0f} s")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--trials", type=int, default=30, help="Simulated logs per cell.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the simulated logs.")
     parser.add_argument("--json", action="store_true", help="Print the result as JSON.")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     result = detection_table(trials=args.trials, seed=args.seed)
     result["records_for_90pct"] = records_needed(result)
     emit(result, OUT_DIR / "clasp.json", as_json=args.json, print_table=print_table)

@@ -33,7 +33,6 @@ between seeds, so only the interval says whether a gap is real.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,14 +42,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python bench/<name>.py`, not `-m bench.<name>`: see bench/_repo_root.py
+    import _repo_root  # noqa: F401
 
-from bench.report import emit  # noqa: E402
-from common.data import LocalTextCorpus, SampleSchedule, batch_tokens, stdlib_source_dir  # noqa: E402
-from common.model import IotaModel, ModelConfig, get_preset, next_token_loss  # noqa: E402
-from common.model.layers import BottleneckDecoder, BottleneckEncoder, RMSNorm  # noqa: E402
-from common.wire import BoundaryWire  # noqa: E402
-from orchestrator.settings import OrchestratorSettings, training_spec  # noqa: E402
+from bench.report import emit
+from common.data import LocalTextCorpus, SampleSchedule, batch_tokens, stdlib_source_dir
+from common.model import IotaModel, ModelConfig, get_preset, next_token_loss
+from common.model.layers import BottleneckDecoder, BottleneckEncoder, RMSNorm
+from common.wire import BoundaryWire
+from orchestrator.settings import OrchestratorSettings, training_spec
 
 OUT = Path(__file__).resolve().parent / "out" / "compression.json"
 RATIOS = ("none", "32x", "64x", "128x", "256x")
@@ -428,7 +428,7 @@ def print_seeds_table(result: dict[str, Any]) -> None:
         print(f"{key:10} {s['heldout_loss']['mean']:>13.4f} {g['mean']:>+10.2f} {ci:>18} {sd:>7}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -462,7 +462,7 @@ def main() -> None:
     )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", type=Path, default=OUT)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.tokens, args.batch_size, args.seq_len, args.eval_batches = 3 * 2 * 32, 2, 32, 1
     if args.seeds is not None:

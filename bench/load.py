@@ -45,15 +45,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python bench/<name>.py`, not `-m bench.<name>`: see bench/_repo_root.py
+    import _repo_root  # noqa: F401
 
-import httpx  # noqa: E402
-from bittensor.sp_core import Keypair  # noqa: E402
+import httpx
+from bittensor.sp_core import Keypair
 
-from bench.report import emit  # noqa: E402
-from common.auth import EpistulaAuth  # noqa: E402
-from common.model import ModelConfig  # noqa: E402
-from common.protocol import (  # noqa: E402
+from bench.report import emit
+from common.auth import EpistulaAuth
+from common.model import ModelConfig
+from common.protocol import (
     HEADER_PROTOCOL,
     MINERS_REGISTER,
     PROTOCOL_VERSION,
@@ -467,7 +468,7 @@ def print_table(r: dict[str, Any]) -> None:
         print(f"    {row['tottime_s']:7.2f} s {row['cumtime_s']:7.2f} s {row['calls']:>9} {row['function']}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -486,7 +487,7 @@ def main() -> None:
     parser.add_argument("--fingerprint", help=argparse.SUPPRESS)
     parser.add_argument("--orchestrator-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-profiled", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.serve_profiled:
         serve_profiled(args.serve_profiled)
         return

@@ -7,11 +7,12 @@ For each n in `--ns` (default 2, 4, 8, 16), on one stage (default `tiny` stage 1
    and snapshots it. Each then takes `--inner-steps` inner AdamW steps (default 1) on its own random input
    and output gradient (random tokens at the head, a random loss target's tokens at the tail), so every
    pseudo-gradient is real, non-zero and different. None of this is timed or counted.
-2. The merge: `iota.local_merge.run_local_merge`, in one process, the orchestrator's state machine and its
-   finalize step (`orchestrator.merging`, `orchestrator.merge_jobs`) and the n participants (in a pool of
-   min(8, n) threads); every transfer goes through real presigned URLs to an embedded S3 server (moto, on
-   loopback). Timed as a whole (`wall_s`), and the orchestrator's finalize step in it (`orchestrator_s`).
-   Each participant's `Traffic` is reset just before, so only the merge's transfers count.
+2. The merge: `bench.merge_in_process.run_merge_in_process`, in one process, the orchestrator's state
+   machine and its finalize step (`orchestrator.stage_merge`, `orchestrator.merge_finalize`) and the n
+   participants (in a pool of min(8, n) threads); every transfer goes through real presigned URLs to an
+   embedded S3 server (moto, on loopback). Timed as a whole (`wall_s`), and the orchestrator's finalize
+   step in it (`orchestrator_s`). Each participant's `Traffic` is reset just before, so only the merge's
+   transfers count.
 3. Per miner traffic ratio = (bytes the miner uploaded + downloaded during the merge) / (stage weight
    bytes = stage parameters x 4, fp32). Mean and max over the n miners. Encoded objects carry the codec's
    header, so the measured ratio sits a little above the design's figure.
@@ -41,19 +42,20 @@ from typing import Any
 import httpx
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python bench/<name>.py`, not `-m bench.<name>`: see bench/_repo_root.py
+    import _repo_root  # noqa: F401
 
-from bench.report import emit  # noqa: E402
-from common.model import get_preset  # noqa: E402
-from common.model.config import ModelConfig  # noqa: E402
-from common.protocol import GlobalWeights  # noqa: E402
-from common.s3server import EmbeddedS3  # noqa: E402
-from common.storage import ObjectStore  # noqa: E402
-from common.training import StageTrainer  # noqa: E402
-from iota.local_merge import run_local_merge  # noqa: E402
-from miner.merging import MergeParticipant, Traffic  # noqa: E402
-from orchestrator.merging import REDUNDANCY  # noqa: E402
-from orchestrator.settings import OrchestratorSettings, training_spec  # noqa: E402
+from bench.merge_in_process import run_merge_in_process
+from bench.report import emit
+from common.model import get_preset
+from common.model.config import ModelConfig
+from common.protocol import GlobalWeights
+from common.s3server import EmbeddedS3
+from common.storage import ObjectStore
+from common.training import StageTrainer
+from miner.merge_participant import MergeParticipant, Traffic
+from orchestrator.settings import OrchestratorSettings, training_spec
+from orchestrator.stage_merge import REDUNDANCY
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 SEED = 1234
@@ -110,7 +112,7 @@ def measure(
     for p in participants.values():
         p.traffic = Traffic()  # the merge's transfers only
     run_id = f"bench-n{n}"
-    result = run_local_merge(
+    result = run_merge_in_process(
         participants,
         store=store,
         cfg=cfg,
@@ -228,7 +230,7 @@ def print_table(r: dict[str, Any]) -> None:
           f"{r['target']['per_miner_traffic_ratio_max']} at every n")  # fmt: skip
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -242,7 +244,7 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=OUT_DIR / "merge.json", help="where to write the JSON")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.inner_steps < 1:
         parser.error("--inner-steps must be at least 1: a replica with no steps is left out of the merge")
 

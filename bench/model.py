@@ -28,15 +28,15 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python bench/<name>.py`, not `-m bench.<name>`: see bench/_repo_root.py
+    import _repo_root  # noqa: F401
 
-from common.model import IotaModel, ModelConfig, get_preset, next_token_loss  # noqa: E402
+from common.model import IotaModel, ModelConfig, get_preset, next_token_loss
 
 # batch, seq per preset: what one CPU thread steps through in seconds (tiny: the devnet's batch shape).
 DEFAULT_SHAPE = {"tiny": (8, 256), "100m": (2, 256), "1.5b": (4, 1024)}

@@ -20,21 +20,21 @@ so only the interval says whether a gap is real. It also times one optimizer ste
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python bench/<name>.py`, not `-m bench.<name>`: see bench/_repo_root.py
+    import _repo_root  # noqa: F401
 
-from bench.compression import RUN, Data, mean_interval, parse_seeds  # noqa: E402
-from bench.report import emit  # noqa: E402
-from common.data import LocalTextCorpus, SampleSchedule, stdlib_source_dir  # noqa: E402
-from common.model import IotaModel, get_preset, next_token_loss  # noqa: E402
-from common.optim import FactoredSecondMoment, build_inner_optimizer  # noqa: E402
-from orchestrator.settings import training_spec  # noqa: E402
+from bench.compression import RUN, Data, mean_interval, parse_seeds
+from bench.report import emit
+from common.data import LocalTextCorpus, SampleSchedule, stdlib_source_dir
+from common.model import IotaModel, get_preset, next_token_loss
+from common.optim import FactoredSecondMoment, build_inner_optimizer
+from orchestrator.settings import training_spec
 
 OUT = Path(__file__).resolve().parent / "out" / "optim_quality.json"
 SETTINGS = ("adamw", "factored")
@@ -167,7 +167,7 @@ def print_table(result: dict[str, Any]) -> None:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -184,7 +184,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", type=Path, default=OUT)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.tokens, args.batch_size, args.seq_len, args.eval_batches = (
             "0,1",

@@ -36,14 +36,15 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python bench/<name>.py`, not `-m bench.<name>`: see bench/_repo_root.py
+    import _repo_root  # noqa: F401
 
-from bench.report import emit  # noqa: E402
-from common.config import DataSettings, ModelSettings  # noqa: E402
-from common.data import SampleSchedule, batch_tokens, make_corpus  # noqa: E402
-from common.model import IotaModel, get_preset, next_token_loss  # noqa: E402
-from iota.devnet import DevnetOptions, default_threads, run_devnet  # noqa: E402
-from orchestrator.settings import OrchestratorSettings  # noqa: E402
+from bench.report import emit
+from common.config import DataSettings, ModelSettings
+from common.data import SampleSchedule, batch_tokens, make_corpus
+from common.model import IotaModel, get_preset, next_token_loss
+from iota.devnet import DevnetOptions, default_threads, run_devnet
+from orchestrator.settings import OrchestratorSettings
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 CATEGORIES = ("compute", "download", "upload", "codec", "report", "poll")
@@ -366,7 +367,7 @@ def print_table(r: dict[str, Any]) -> None:
         print(f"note: {note}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -385,7 +386,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT_DIR / "pipeline.json", help="where to write the JSON")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("--single-process-only", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     if args.single_process_only:
         result = single_process(

@@ -13,7 +13,7 @@ the other stages honest fp32. It follows the network's rules without S3 or HTTP:
   its forwards (every stage drops its saved state; those forwards stay accepted, with no backward), and
   1 in `reject_every` has the miner's backward (or tail step) refused, so it discards the gradients;
 - at the end the miner's pseudo-gradient is cut into `common.merge.partitions` and uploaded, and its step
-  count claimed, as `miner.merging` does.
+  count claimed, as `miner.merge_participant` does.
 
 It returns the `ValidationTask` the orchestrator would build for that miner (ops in completion order).
 
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -42,15 +41,16 @@ from typing import Any, TypeVar
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python bench/<name>.py`, not `-m bench.<name>`: see bench/_repo_root.py
+    import _repo_root  # noqa: F401
 
-from bench.report import emit  # noqa: E402
-from common.codec import content_hash  # noqa: E402
-from common.config import DataSettings  # noqa: E402
-from common.data import Corpus, SampleSchedule, batch_tokens, make_corpus  # noqa: E402
-from common.merge import encode_slice, encode_state, flatten, partitions  # noqa: E402
-from common.model import ModelConfig, build_stage, get_preset  # noqa: E402
-from common.protocol import (  # noqa: E402
+from bench.report import emit
+from common.codec import content_hash
+from common.config import DataSettings
+from common.data import Corpus, SampleSchedule, batch_tokens, make_corpus
+from common.merge import encode_slice, encode_state, flatten, partitions
+from common.model import ModelConfig, build_stage, get_preset
+from common.protocol import (
     CheckKind,
     Checkpoint,
     DataSpec,
@@ -62,11 +62,11 @@ from common.protocol import (  # noqa: E402
     TrainingSpec,
     ValidationTask,
 )
-from common.wire import BoundaryWire  # noqa: E402
-from miner.behaviors import Behavior  # noqa: E402
-from miner.trainer import MinerTrainer  # noqa: E402
-from orchestrator.settings import OrchestratorSettings, training_spec  # noqa: E402
-from validator.replay import CROSS_REGIME_HORIZON, DEFAULT_TOLERANCES, Tolerances, replay  # noqa: E402
+from common.wire import BoundaryWire
+from miner.behaviors import Behavior
+from miner.trainer import MinerTrainer
+from orchestrator.settings import OrchestratorSettings, training_spec
+from validator.replay import CROSS_REGIME_HORIZON, DEFAULT_TOLERANCES, Tolerances, replay
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 SEED = 7
@@ -539,13 +539,13 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"\n{result['elapsed_s']:.0f} s")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--samples", type=int, default=32, help="Samples per simulated epoch.")
     parser.add_argument("--json", action="store_true", help="Print the result as JSON.")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     result = calibrate(samples=args.samples)
     emit(result, OUT_DIR / "replay.json", as_json=args.json, print_table=print_table)
 

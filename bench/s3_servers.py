@@ -14,18 +14,18 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python bench/<name>.py`, not `-m bench.<name>`: see bench/_repo_root.py
+    import _repo_root  # noqa: F401
 
-from bench.report import emit  # noqa: E402
-from common.s3server import EmbeddedS3, NanioS3  # noqa: E402
-from common.storage import ObjectStore, download_from_url, upload_to_url  # noqa: E402
+from bench.report import emit
+from common.s3server import EmbeddedS3, NanioS3
+from common.storage import ObjectStore, download_from_url, upload_to_url
 
 WARMUP = 10
 

@@ -22,19 +22,18 @@ import argparse
 import gc
 import json
 import resource
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python bench/<name>.py`, not `-m bench.<name>`: see bench/_repo_root.py
+    import _repo_root  # noqa: F401
 
-from common.model import build_stage, get_preset, next_token_loss  # noqa: E402
-from common.optim import build_inner_optimizer  # noqa: E402
-from orchestrator.settings import OrchestratorSettings, training_spec  # noqa: E402
+from common.model import build_stage, get_preset, next_token_loss
+from common.optim import build_inner_optimizer
+from orchestrator.settings import OrchestratorSettings, training_spec
 
 GIB = 2**30
 
@@ -220,7 +219,7 @@ def max_batch_under(
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -240,7 +239,7 @@ def main() -> None:
         help="also find the largest batch at --seq whose step fits GIB of CUDA memory",
     )
     parser.add_argument("--batch-cap", type=int, default=256, help="the largest batch the search tries")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     cfg = get_preset(args.preset)
     stages = range(cfg.n_stages) if args.stages == "all" else [int(s) for s in args.stages.split(",")]

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python bench/<name>.py`, not `-m bench.<name>`: see bench/_repo_root.py
+    import _repo_root  # noqa: F401
 
-from bench import clasp_sim  # noqa: E402
-from bench.replay_sim import STAGE_NAMES, replay_cost  # noqa: E402
-from bench.report import emit  # noqa: E402
-from orchestrator.settings import OrchestratorSettings  # noqa: E402
+from bench import clasp_sim
+from bench.replay_sim import STAGE_NAMES, replay_cost
+from bench.report import emit
+from orchestrator.settings import OrchestratorSettings
 
 OUT = Path(__file__).resolve().parent / "out" / "validation.json"
 VALIDATION_FRACTION = OrchestratorSettings.model_fields["validation_fraction"].default
@@ -82,7 +82,7 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"\n{result['elapsed_s']:.0f} s")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=None, help="CLASP trials per cell (30; quick 10).")
     parser.add_argument("--threads", type=int, default=1, help="Torch threads for the miner and the replay.")
     parser.add_argument("--out", type=Path, default=OUT, help="Where the JSON goes.")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     result = run(
         quick=args.quick,
         samples=args.samples or (8 if args.quick else 32),

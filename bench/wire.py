@@ -12,7 +12,7 @@ Gaussian tensor of the same shape, since codec sizes without lz4 depend only on 
 `--s3` measures the bytes that actually cross the network for one hop: the encoded boundary tensor is PUT
 to a presigned URL on the embedded S3 server with the miners' own client (`common.storage.upload_to_url`
 on a keep-alive httpx client, as `miner/worker.py` holds one) and fetched back with `download_from_url`,
-through a loopback TCP proxy (`iota/netproxy.py`) that counts every byte each way (HTTP request line,
+through a loopback TCP proxy (`bench/netproxy.py`) that counts every byte each way (HTTP request line,
 headers and body; the response's status line, headers and body). TCP/IP framing below that is not counted.
 
     python bench/wire.py --json
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,15 +32,16 @@ from urllib.parse import urlsplit
 import httpx
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python bench/<name>.py`, not `-m bench.<name>`: see bench/_repo_root.py
+    import _repo_root  # noqa: F401
 
-from common.codec import encode_tensor  # noqa: E402
-from common.model import PRESETS, boundary_shape, build_stage, get_preset  # noqa: E402
-from common.protocol import TrainingSpec  # noqa: E402
-from common.s3server import EmbeddedS3  # noqa: E402
-from common.storage import ObjectStore, download_from_url, upload_to_url  # noqa: E402
-from common.wire import BoundaryWire  # noqa: E402
-from iota.netproxy import LoopbackProxy  # noqa: E402
+from bench.netproxy import LoopbackProxy
+from common.codec import encode_tensor
+from common.model import PRESETS, boundary_shape, build_stage, get_preset
+from common.protocol import TrainingSpec
+from common.s3server import EmbeddedS3
+from common.storage import ObjectStore, download_from_url, upload_to_url
+from common.wire import BoundaryWire
 
 
 def stdlib_tokens(batch: int, seq: int) -> torch.Tensor:
@@ -217,7 +217,7 @@ def print_s3(rows: list[dict[str, Any]]) -> None:
         )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -228,7 +228,7 @@ def main() -> None:
     parser.add_argument("--real", default="tiny,100m", help="presets whose activations come from a forward")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--s3", action="store_true", help="count the bytes of one hop through S3 (128x)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     real = set(args.real.split(",")) if args.real else set()
     ratios = [int(r) for r in (args.ratios or ("128" if args.s3 else "64,128")).split(",")]

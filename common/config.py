@@ -20,7 +20,9 @@ def env_file() -> str:
     return os.environ.get("IOTA_ENV_FILE") or ".env"
 
 
-def _config(prefix: str) -> SettingsConfigDict:
+def settings_config(prefix: str) -> SettingsConfigDict:
+    """The `model_config` of every settings group here and of each role's own (`miner/settings.py`, ...):
+    variables under `prefix`, read from the environment and then the settings file."""
     # Empty values in .env mean "use the default", so .env.example can list optional settings blank.
     return SettingsConfigDict(env_prefix=prefix, env_file=env_file(), env_ignore_empty=True, extra="ignore")
 
@@ -28,7 +30,7 @@ def _config(prefix: str) -> SettingsConfigDict:
 class WalletSettings(BaseSettings):
     """The bittensor wallet whose hotkey signs this process's requests."""
 
-    model_config = _config("IOTA_WALLET_")
+    model_config = settings_config("IOTA_WALLET_")
 
     name: str = Field("default", description="Wallet (coldkey) name under the wallets path.")
     hotkey: str = Field("default", description="Hotkey name inside the wallet.")
@@ -43,7 +45,7 @@ class WalletSettings(BaseSettings):
 class ChainSettings(BaseSettings):
     """Which chain supplies identities and receives weights."""
 
-    model_config = _config("IOTA_CHAIN_")
+    model_config = settings_config("IOTA_CHAIN_")
 
     backend: Literal["local", "bittensor"] = Field(
         "local", description="`local`: a file-backed chain for devnet and tests; `bittensor`: the real chain."
@@ -71,7 +73,7 @@ LOCAL_S3_SECRET_ACCESS_KEY = "iota-local-secret"
 class S3Settings(BaseSettings):
     """The bucket that carries activations, gradients, weights and checkpoints."""
 
-    model_config = _config("IOTA_S3_")
+    model_config = settings_config("IOTA_S3_")
 
     endpoint_url: str | None = Field(
         None, description="S3 endpoint; empty means AWS S3. Use the R2 or MinIO URL for those stores."
@@ -96,7 +98,7 @@ class S3Settings(BaseSettings):
 class AuthSettings(BaseSettings):
     """Epistula request signing and verification."""
 
-    model_config = _config("IOTA_AUTH_")
+    model_config = settings_config("IOTA_AUTH_")
 
     freshness_window_ms: int = Field(
         10_000, ge=100, description="How far a request's timestamp may be from now, either way, in ms."
@@ -120,7 +122,7 @@ class AuthSettings(BaseSettings):
 class ModelSettings(BaseSettings):
     """Which model the run trains."""
 
-    model_config = _config("IOTA_MODEL_")
+    model_config = settings_config("IOTA_MODEL_")
 
     preset: str = Field("tiny", description="Model preset: tiny, 100m, 1.5b or 15b.")
     bottleneck_ratio: int | None = Field(
@@ -144,7 +146,7 @@ class ModelSettings(BaseSettings):
 class DataSettings(BaseSettings):
     """What a sample is: the corpus that sample ids index, its tokenizer and the batch shape."""
 
-    model_config = _config("IOTA_DATA_")
+    model_config = settings_config("IOTA_DATA_")
 
     source: Literal["local", "hf"] = Field(
         "local", description="`local`: text files read as bytes; `hf`: a Hugging Face dataset, streamed."
@@ -182,7 +184,7 @@ with warnings.catch_warnings():
     class LogSettings(BaseSettings):
         """How every daemon logs; the command line's --json-logs and --log-level win over these."""
 
-        model_config = _config("IOTA_LOG_")
+        model_config = settings_config("IOTA_LOG_")
 
         json: bool = Field(  # type: ignore[assignment]
             False, description="One JSON object per line (ts, level, logger, msg) instead of readable lines."

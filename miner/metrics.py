@@ -2,7 +2,7 @@
 
 The worker bumps `MinerCounts` as it works; `/metrics` (on IOTA_MINER_METRICS_PORT) and the periodic status
 line read the same numbers, so the two never disagree. Merge and checkpoint traffic is counted by
-`miner.merging.Traffic` and added at read time.
+`miner.merge_participant.Traffic` and added at read time.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from common.metrics import (
     labelled_counter,
     labelled_gauge,
 )
-from miner.merging import Traffic
+from miner.merge_participant import Traffic
 
 KINDS = ("forward", "backward", "tail")
 MERGE_PHASES = ("upload", "reduce", "apply")

@@ -7,12 +7,12 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings
 
-from common.config import _config
+from common.config import settings_config
 from miner.behaviors import Behavior
 
 
 class MinerSettings(BaseSettings):
-    model_config = _config("IOTA_MINER_")
+    model_config = settings_config("IOTA_MINER_")
 
     orchestrator_url: str = Field("http://127.0.0.1:8000", description="Base URL of the orchestrator.")
     device: str = Field("auto", description="`auto` (CUDA if available), `cpu`, `cuda` or `cuda:N`.")

@@ -53,7 +53,7 @@ from common.stopping import Stopping
 from common.storage import StorageError, download_from_url, upload_to_url
 from common.training import TrainerError
 from common.wire import BoundaryWire
-from miner.merging import MergeFailed, MergeParticipant, Traffic
+from miner.merge_participant import MergeFailed, MergeParticipant, Traffic
 from miner.metrics import MinerMetrics, MinerStatusLine, MinerView
 from miner.settings import MinerSettings
 from miner.trainer import MinerTrainer

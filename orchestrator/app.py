@@ -17,9 +17,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from common.auth import AuthHTTPException
 from common.protocol import HEADER_PROTOCOL, HEADER_RUN, PROTOCOL_VERSION, ErrorBody
 from common.protocol.endpoints import signed_endpoints
-from orchestrator.metrics import status_loop
+from orchestrator.loops import background_loops
 from orchestrator.routers import dashboard, merge, metrics, miners, public, validators, work
-from orchestrator.scheduler import SchedulerError
+from orchestrator.errors import RequestRejected
 from orchestrator.service import Orchestrator
 
 _CODES = {
@@ -89,14 +89,7 @@ def create_app(orchestrator: Orchestrator) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(orchestrator.registry.refresh)
-        tasks = [
-            asyncio.create_task(orchestrator.reap_loop()),
-            asyncio.create_task(orchestrator.garbage_loop()),
-            asyncio.create_task(orchestrator.merge_loop()),
-            asyncio.create_task(orchestrator.registry.run()),
-            asyncio.create_task(orchestrator.dashboard.run()),
-            asyncio.create_task(status_loop(orchestrator, orchestrator.settings.status_interval_s)),
-        ]
+        tasks = [asyncio.create_task(loop) for loop in background_loops(orchestrator)]
         try:
             yield
         finally:
@@ -129,8 +122,8 @@ def create_app(orchestrator: Orchestrator) -> FastAPI:
 
     app.add_middleware(ProtocolHeaders, run_id=orchestrator.run_id)
 
-    @app.exception_handler(SchedulerError)
-    async def scheduler_error(request: Request, error: SchedulerError) -> JSONResponse:
+    @app.exception_handler(RequestRejected)
+    async def rejected(request: Request, error: RequestRejected) -> JSONResponse:
         return _error(error.status, error.code, error.detail)
 
     @app.exception_handler(HTTPException)

@@ -14,9 +14,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-from common.protocol import ArtifactRef
+from common.protocol import ArtifactRef, ItemKind
+
+ItemStatus = Literal["queued", "assigned", "done", "failed"]
+SampleState = Literal["in_flight", "retry", "done", "dropped"]
 
 SCHEMA_VERSION = 3
 
@@ -69,8 +72,8 @@ class Item:
     sample: int
     attempt: int
     stage: int
-    kind: str  # "forward" | "backward"
-    status: str  # "queued" | "assigned" | "done" | "failed"
+    kind: ItemKind
+    status: ItemStatus
     created_at: float
     deadline: float
     miner: str | None = None  # for backward items: set when queued (the forward's miner)
@@ -111,7 +114,7 @@ class Miner:
 @dataclass
 class Sample:
     sample: int
-    state: str  # "in_flight" | "retry" | "done" | "dropped"
+    state: SampleState
     attempts: int
 
 
@@ -127,10 +130,19 @@ def _marks(columns: tuple[str, ...]) -> str:
     return ",".join("?" * len(columns))
 
 
+def _typed(value: str, allowed: Any, column: str) -> Any:
+    """A TEXT column read back as its Literal type; a value outside it means a corrupt or foreign file."""
+    if value not in get_args(allowed):
+        raise ValueError(f"{column} {value!r} is not one of {get_args(allowed)}")
+    return value
+
+
 def _item(row: tuple[Any, ...]) -> Item:
     values = dict(zip(_ITEM_FIELDS, row, strict=True))
     for name in _ARTIFACT_FIELDS:
         values[name] = _ref(values[name])
+    values["kind"] = _typed(values["kind"], ItemKind, "items.kind")
+    values["status"] = _typed(values["status"], ItemStatus, "items.status")
     return Item(**values)
 
 
@@ -220,12 +232,14 @@ class StateDB:
             (s.sample, s.state, s.attempts, now),
         )
 
-    def load_samples(self, states: tuple[str, ...]) -> list[Sample]:
+    def load_samples(self, states: tuple[SampleState, ...]) -> list[Sample]:
         marks = ",".join("?" * len(states))
         rows = self._conn.execute(
             f"SELECT sample, state, attempts FROM samples WHERE state IN ({marks}) ORDER BY sample", states
         ).fetchall()
-        return [Sample(sample=r[0], state=r[1], attempts=r[2]) for r in rows]
+        return [
+            Sample(sample=r[0], state=_typed(r[1], SampleState, "samples.state"), attempts=r[2]) for r in rows
+        ]
 
     def count_samples(self) -> dict[str, int]:
         rows = self._conn.execute("SELECT state, COUNT(*) FROM samples GROUP BY state").fetchall()
@@ -268,7 +282,7 @@ class StateDB:
         ).fetchall()
         return {(r[0], r[1]): r[2] for r in rows}
 
-    def count_items(self, status: str) -> int:
+    def count_items(self, status: ItemStatus) -> int:
         row = self._conn.execute("SELECT COUNT(*) FROM items WHERE status = ?", (status,)).fetchone()
         return int(row[0])
 

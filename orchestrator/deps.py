@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from common.auth import VerifiedRequest
 from common.protocol.endpoints import JSON, Auth, Endpoint
-from orchestrator.scheduler import SchedulerError
+from orchestrator.errors import RequestRejected
 from orchestrator.service import Orchestrator
 
 M = TypeVar("M", bound=BaseModel)
@@ -48,7 +48,7 @@ async def validator(request: Request, req: Signed) -> VerifiedRequest:
     orch = orchestrator_of(request)
     problem = orch.registry.validator_problem(req.hotkey, orch.settings.validator_min_stake)
     if problem is not None:
-        raise SchedulerError(403, "not_a_validator", problem)
+        raise RequestRejected(403, "not_a_validator", problem)
     return req
 
 
@@ -64,7 +64,7 @@ def parse(model: type[M], req: VerifiedRequest) -> M:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors()[:5]
         )
-        raise SchedulerError(422, "invalid_body", f"{model.__name__}: {problems}") from None
+        raise RequestRejected(422, "invalid_body", f"{model.__name__}: {problems}") from None
 
 
 class BodyDependency(Generic[M]):

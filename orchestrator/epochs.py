@@ -15,33 +15,30 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
 from common.checkpoints import StoredCheckpoint, global_weights
 from common.protocol import (
     ApplyReport,
-    ArtifactRef,
-    DownloadSource,
     GlobalWeights,
     MergeRecord,
     MergeTask,
     ReduceReport,
     UploadReport,
-    UploadTarget,
 )
-from common.storage import ObjectStore
 from orchestrator.db import Miner, StateDB
-from orchestrator.merging import (
+from orchestrator.errors import RequestRejected
+from orchestrator.scheduler import Scheduler
+from orchestrator.settings import OrchestratorSettings
+from orchestrator.stage_merge import (
     FinalizeJob,
     FinalizeResult,
     Links,
     MergeState,
     StageMerge,
 )
-from orchestrator.scheduler import Scheduler, SchedulerError
-from orchestrator.settings import OrchestratorSettings
 
 log = logging.getLogger("iota.orchestrator")
 
@@ -60,20 +57,22 @@ class EpochState(BaseModel):
     completed_at_start: int = 0
 
 
-class StoreLinks:
-    """Presigned URLs on the run's bucket in the protocol's forms (what `merging.Links` asks for)."""
+class EpochListener(Protocol):
+    """What the rest of the orchestrator does when an epoch or a stage's merge ends (the service)."""
 
-    def __init__(self, store: ObjectStore, *, upload_expires_s: int) -> None:
-        self.store, self.upload_expires_s = store, upload_expires_s
+    def epoch_ended(self) -> None:
+        """The next epoch began: the stages' checkpoints are final for the one that ended."""
 
-    def upload_target(self, key: str) -> UploadTarget:
-        expiry = self.upload_expires_s
-        return UploadTarget(key=key, url=self.store.presign_put(key, expires_s=expiry), expires_in_s=expiry)
+    def merge_closed(self, state: MergeState, start: StoredCheckpoint | None) -> None:
+        """A stage's merge finished, merged or rolled back; `start` holds the weights it began from."""
 
-    def download_source(self, ref: ArtifactRef) -> DownloadSource:
-        return DownloadSource(
-            key=ref.key, url=self.store.presign_get(ref.key), size=ref.size, sha256=ref.sha256
-        )
+
+class NoEpochListener:
+    def epoch_ended(self) -> None:
+        pass
+
+    def merge_closed(self, state: MergeState, start: StoredCheckpoint | None) -> None:
+        pass
 
 
 class EpochClock:
@@ -88,15 +87,12 @@ class EpochClock:
         seed: int,
         links: Links,
         clock: Callable[[], float],
-        notify: Callable[[str], None],
-        collect: Callable[[list[str]], None],
-        on_epoch_end: Callable[[], None] = lambda: None,
-        on_merge_closed: Callable[[MergeState, StoredCheckpoint | None], None] = lambda s, c: None,
+        listener: EpochListener | None = None,
     ) -> None:
         self.db, self.scheduler, self.settings = db, scheduler, settings
         self.n_stages, self.stage_numel, self.seed = n_stages, stage_numel, seed
-        self.links, self.clock, self.notify, self.collect = links, clock, notify, collect
-        self.on_epoch_end, self.on_merge_closed = on_epoch_end, on_merge_closed
+        self.links, self.clock = links, clock
+        self.listener: EpochListener = listener or NoEpochListener()
         stored = db.get_meta("epoch")
         self.state = EpochState.model_validate(stored) if stored else EpochState(since=clock())
         self.versions = [int(db.get_meta(f"version.{s}") or 0) for s in range(n_stages)]
@@ -111,8 +107,7 @@ class EpochClock:
                     self.merges[s] = self._merge(MergeState.model_validate(saved))
         self.merges_completed = db.count_merges("merged")
         self.merges_rolled_back = db.count_merges("rolled_back")
-        scheduler.paused = self.state.phase != "training"
-        scheduler.epoch = self.state.epoch
+        scheduler.restore_epoch(self.state.epoch, paused=self.state.phase != "training")
 
     def _merge(self, state: MergeState) -> StageMerge:
         return StageMerge(
@@ -132,7 +127,7 @@ class EpochClock:
             self._set_phase("training", now)
         if st.phase == "training" and self._epoch_over(now):
             self._set_phase("draining", now)
-            self.scheduler.paused = True
+            self.scheduler.pause()
             log.info(
                 "epoch %d: training over, draining %d samples in flight", st.epoch, self.scheduler.in_flight()
             )
@@ -214,18 +209,13 @@ class EpochClock:
     def _next_epoch(self, now: float) -> None:
         st = self.state
         with self.db.transaction():
-            for m in self.scheduler.miners.values():
-                m.epoch_steps = 0
-                self.db.save_miner(m)
             st.epoch += 1
-            self.scheduler.epoch = st.epoch
+            self.scheduler.start_epoch(st.epoch)
             st.completed_at_start = self.scheduler.completed
             self._set_phase("training", now)
         self.merges.clear()
-        self.scheduler.paused = False
-        self.on_epoch_end()
-        for hotkey in list(self.scheduler.miners):
-            self.notify(hotkey)
+        self.listener.epoch_ended()
+        self.scheduler.notify_all()
 
     # -- one stage's merge -----------------------------------------------------------------------------
 
@@ -237,7 +227,7 @@ class EpochClock:
             if merge.finished and not merge.closed:
                 self._close(merge)
         for hotkey in merge.involved():
-            self.notify(hotkey)
+            self.scheduler.notify(hotkey)
 
     def _close(self, merge: StageMerge) -> None:
         s, record = merge.state, merge.record()
@@ -260,8 +250,7 @@ class EpochClock:
             for hotkey in merge.in_sync():
                 miner = self.scheduler.miners.get(hotkey)
                 if miner is not None and miner.stage == s.stage:
-                    miner.weights_version = s.checkpoint.version
-                    self.db.save_miner(miner)
+                    self.scheduler.set_weights_version(miner, s.checkpoint.version)
             self.merges_completed += 1
             garbage = merge.objects() + ([old.weights.key, old.momentum.key] if old else [])
         else:
@@ -271,10 +260,9 @@ class EpochClock:
             for hotkey in s.accepted:
                 miner = self.scheduler.miners.get(hotkey)
                 if miner is not None and miner.stage == s.stage:
-                    miner.weights_version = -1
-                    self.db.save_miner(miner)
-        self.collect(garbage)
-        self.on_merge_closed(s, start)
+                    self.scheduler.set_weights_version(miner, -1)
+        self.scheduler.collect(garbage)
+        self.listener.merge_closed(s, start)
         log.info(
             "epoch %d stage %d: %s (version %d, %d participants, %d flagged)",
             s.epoch,
@@ -296,9 +284,9 @@ class EpochClock:
     ) -> None:
         merge = self.merges.get(stage)
         if self.state.phase != "merging" or merge is None or epoch != self.state.epoch:
-            raise SchedulerError(409, "no_merge", f"no merge of stage {stage} in epoch {epoch} is running")
+            raise RequestRejected(409, "no_merge", f"no merge of stage {stage} in epoch {epoch} is running")
         if miner.stage != stage:
-            raise SchedulerError(403, "wrong_stage", f"you run stage {miner.stage}, not {stage}")
+            raise RequestRejected(403, "wrong_stage", f"you run stage {miner.stage}, not {stage}")
         before = (merge.phase, len(merge.state.reported))
         merge.report(miner.hotkey, report)
         self._changed(merge)
@@ -334,8 +322,7 @@ class EpochClock:
 
     def joined(self, miner: Miner) -> GlobalWeights:
         """A miner (re)registering loads its stage's current global weights."""
-        miner.weights_version = self.versions[miner.stage]
-        self.db.save_miner(miner)
+        self.scheduler.set_weights_version(miner, self.versions[miner.stage])
         return self.global_weights(miner.stage)
 
     def reload_for(self, miner: Miner) -> GlobalWeights | None:
@@ -349,8 +336,7 @@ class EpochClock:
         version = self.versions[miner.stage]
         if miner.weights_version == version:
             return None
-        miner.weights_version = version
-        self.db.save_miner(miner)
+        self.scheduler.set_weights_version(miner, version)
         return self.global_weights(miner.stage)
 
     def merge_phase(self, stage: int) -> str | None:

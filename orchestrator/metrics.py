@@ -21,7 +21,7 @@ from common.metrics import SECONDS_BUCKETS, StateCollector, counter, gauge, labe
 from common.protocol import MinerConsensus
 from orchestrator.dashboard_state import consensus
 from orchestrator.db import Item
-from orchestrator.merging import MergeState
+from orchestrator.stage_merge import MergeState
 
 if TYPE_CHECKING:
     from orchestrator.service import Orchestrator

@@ -10,7 +10,10 @@ dropped and recorded after `max_attempts`. So every issued sample is always in e
     in_flight -> done | retry -> in_flight ... | dropped
 
 and `samples_completed` counts each sample once. The scheduler does no I/O beyond its `StateDB`; the HTTP
-layer presigns URLs, checks uploads and wakes long-polling miners through `notify`.
+layer presigns URLs, checks uploads and wakes long-polling miners through its `Waker`.
+
+The epoch clock drives it through `pause`, `resume` and `start_epoch`, and it is the one owner of every
+miner record, including the weights version a miner holds (`set_weights_version`).
 """
 
 from __future__ import annotations
@@ -19,29 +22,43 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from common.data import SampleId
-from common.protocol import ArtifactRef, CompleteRequest
+from common.protocol import ArtifactRef, CompleteRequest, ItemKind, is_last_stage, work_kind
 from orchestrator.assignment import MinerLoad, Move, assign_stage, plan_move
 from orchestrator.db import Item, Miner, Sample, StateDB
+from orchestrator.errors import RequestRejected
 from orchestrator.settings import OrchestratorSettings
 
 _EWMA = 0.2  # weight of the newest measurement in a miner's speed estimate
-
-
-class SchedulerError(Exception):
-    """A request the state does not allow; `status` and `code` become the HTTP answer."""
-
-    def __init__(self, status: int, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status, self.code, self.detail = status, code, detail
 
 
 def _ewma(previous: float | None, latest: float) -> float:
     return latest if previous is None else (1 - _EWMA) * previous + _EWMA * latest
 
 
-def item_id(sample: int, attempt: int, stage: int, kind: str) -> str:
+class Waker(Protocol):
+    """Tells long-polling miners that something they may take has arrived (the service's `Wakeups`)."""
+
+    def notify(self, hotkey: str) -> None:
+        """Work only this miner may do (its backward, a cancellation, a merge task)."""
+
+    def wake_one(self, wants: Callable[[str], bool]) -> None:
+        """Work any of many miners may take: one that `wants` it."""
+
+
+class NoWaker:
+    """Nobody long-polls (a scheduler driven directly, as in tests and benchmarks)."""
+
+    def notify(self, hotkey: str) -> None:
+        pass
+
+    def wake_one(self, wants: Callable[[str], bool]) -> None:
+        pass
+
+
+def item_id(sample: int, attempt: int, stage: int, kind: ItemKind) -> str:
     return f"{sample}.{attempt}.{stage}{kind[0]}"
 
 
@@ -63,15 +80,12 @@ class Scheduler:
         settings: OrchestratorSettings,
         sample_ids: Callable[[int], list[SampleId]],
         clock: Callable[[], float] = time.time,
-        notify: Callable[[str], None] = lambda hotkey: None,
-        wake_one: Callable[[Callable[[str], bool]], None] | None = None,
+        wakeups: Waker | None = None,
         on_item_done: Callable[[Item], None] = lambda it: None,
     ) -> None:
         self.db, self.run_id, self.n_stages, self.settings = db, run_id, n_stages, settings
-        self.sample_ids, self.clock, self.notify = sample_ids, clock, notify
-        # Work any miner of a stage may take wakes one that wants it (the service: one parked in a long poll);
-        # without a service, every such miner.
-        self.wake_one = wake_one or self._wake_all
+        self.sample_ids, self.clock = sample_ids, clock
+        self.wakeups: Waker = wakeups or NoWaker()
         self.on_item_done = on_item_done  # metrics: every accepted item, once
         self.miners: dict[str, Miner] = {}
         self.samples: dict[int, Sample] = {}  # in_flight and retry only
@@ -82,13 +96,61 @@ class Scheduler:
         self.backward_queue: dict[str, deque[str]] = {}
         self.assigned: dict[str, str] = {}  # hotkey -> the item it is working on
         self.next_sample = 0
-        self.paused = False  # no new attempts (the epoch is draining or merging); running ones go on
-        self.epoch = 0  # set by the epoch clock; stamped on every accepted item
+        self._paused = False  # no new attempts (the epoch is draining or merging); running ones go on
+        self._epoch = 0  # the epoch clock's (`start_epoch`); stamped on every accepted item
         self.completed = 0
         self.dropped = 0
         self.attempts_failed = 0
         self.items_completed = 0
         self._load()
+
+    # ------------------------------------------------------------------------------------------------
+    # What the epoch clock drives
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def pause(self) -> None:
+        """Start no new attempt (the epoch is draining or merging); the running ones go on."""
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+
+    def restore_epoch(self, epoch: int, *, paused: bool) -> None:
+        """The epoch clock's state after a restart."""
+        self._epoch, self._paused = epoch, paused
+
+    def start_epoch(self, epoch: int) -> None:
+        """A new epoch: every miner's optimizer steps count from zero again, and training resumes.
+
+        Inside the caller's transaction, so that the epoch and the reset counts are saved together."""
+        for m in self.miners.values():
+            m.epoch_steps = 0
+            self.db.save_miner(m)
+        self._epoch = epoch
+        self.resume()
+
+    def set_weights_version(self, miner: Miner, version: int) -> None:
+        """The global weights version `miner` holds from now on (-1: none the orchestrator knows of)."""
+        miner.weights_version = version
+        self.db.save_miner(miner)
+
+    def notify(self, hotkey: str) -> None:
+        self.wakeups.notify(hotkey)
+
+    def notify_all(self) -> None:
+        for hotkey in list(self.miners):
+            self.notify(hotkey)
+
+    def collect(self, keys: list[str], now: float | None = None) -> None:
+        """Delete these objects once the grace period (from `now`) has passed."""
+        self.db.add_garbage(keys, (self.clock() if now is None else now) + self.settings.object_retention_s)
 
     # ------------------------------------------------------------------------------------------------
     # Loading after a restart
@@ -130,7 +192,7 @@ class Scheduler:
             self.stage_queue[it.stage].append(it.item_id)
         elif it.status == "queued" and it.miner:
             self.backward_queue.setdefault(it.miner, deque()).append(it.item_id)
-        if it.kind == "forward" and it.status == "done" and it.miner and it.stage < self.n_stages - 1:
+        if work_kind(it.kind, it.stage, self.n_stages) == "forward" and it.status == "done" and it.miner:
             if not self._backward_done(attempt, it.stage):
                 self.miners[it.miner].holding.add(it.item_id)
 
@@ -145,7 +207,7 @@ class Scheduler:
         """A miner (re)joining: a new session; whatever its previous session held is lost with it. A new
         miner gets the stage it prefers, if any, else the one that balances the pipeline best."""
         if preferred_stage is not None and preferred_stage >= self.n_stages:
-            raise SchedulerError(
+            raise RequestRejected(
                 422, "no_such_stage", f"stage {preferred_stage} does not exist; this run has {self.n_stages}"
             )
         now = self.clock()
@@ -188,12 +250,14 @@ class Scheduler:
     def session_miner(self, hotkey: str, run_id: str, session: int) -> Miner:
         """The miner behind a request, after checking it talks about this run and its current session."""
         if run_id != self.run_id:
-            raise SchedulerError(409, "run_mismatch", f"this orchestrator runs {self.run_id}; register again")
+            raise RequestRejected(
+                409, "run_mismatch", f"this orchestrator runs {self.run_id}; register again"
+            )
         miner = self.miners.get(hotkey)
         if miner is None:
-            raise SchedulerError(409, "not_registered", "this hotkey has not registered with this run")
+            raise RequestRejected(409, "not_registered", "this hotkey has not registered with this run")
         if session != miner.session:
-            raise SchedulerError(409, "stale_session", f"session {session} was replaced; register again")
+            raise RequestRejected(409, "stale_session", f"session {session} was replaced; register again")
         now = self.clock()
         miner.last_seen = now
         if not miner.active:
@@ -241,11 +305,8 @@ class Scheduler:
     def _has_room(self, miner: Miner) -> bool:
         """Whether the miner may take another forward: the tail keeps no forward state, the others at most
         `max_outstanding` awaiting their backward."""
-        return miner.stage == self.n_stages - 1 or len(miner.holding) < self.settings.max_outstanding
-
-    def _wake_all(self, wants: Callable[[str], bool]) -> None:
-        for hotkey in [h for h in self.miners if wants(h)]:
-            self.notify(hotkey)
+        tail = is_last_stage(miner.stage, self.n_stages)
+        return tail or len(miner.holding) < self.settings.max_outstanding
 
     def _pop_queued(self, queue: deque[str]) -> Item | None:
         """The first item of `queue` still waiting; entries of failed attempts are skipped and dropped."""
@@ -308,19 +369,19 @@ class Scheduler:
         """The item `item`, which must be this miner's current assignment."""
         it = self.items.get(item)
         if it is None or it.miner != miner.hotkey or it.session != miner.session:
-            raise SchedulerError(403, "not_your_item", f"item {item} is not assigned to this miner")
+            raise RequestRejected(403, "not_your_item", f"item {item} is not assigned to this miner")
         if it.status != "assigned":
-            raise SchedulerError(409, "item_closed", f"item {item} is {it.status}, not in progress")
+            raise RequestRejected(409, "item_closed", f"item {item} is {it.status}, not in progress")
         return it
 
     def may_upload(self, miner: Miner, key: str) -> Item:
         """The item whose output `key` is; only the miner it is assigned to may upload there."""
         if not key.startswith(self.miner_prefix(miner.hotkey)):
-            raise SchedulerError(403, "foreign_key", "upload keys must be under your own prefix")
+            raise RequestRejected(403, "foreign_key", "upload keys must be under your own prefix")
         current = self.assigned.get(miner.hotkey)
         it = self.items.get(current) if current else None
         if it is None or it.output_key != key:
-            raise SchedulerError(403, "unexpected_key", f"{key} is not the output of an item you hold")
+            raise RequestRejected(403, "unexpected_key", f"{key} is not the output of an item you hold")
         return it
 
     # ------------------------------------------------------------------------------------------------
@@ -333,16 +394,16 @@ class Scheduler:
             if done.output == req.output:
                 return None  # a retried request whose first answer was lost
         it = self.assigned_item(miner, req.item_id)
-        is_tail = it.kind == "forward" and it.stage == self.n_stages - 1
+        is_tail = work_kind(it.kind, it.stage, self.n_stages) == "tail"
         if it.output_key is None:
             if req.output is not None:
-                raise SchedulerError(422, "unexpected_output", "this item has no output to upload")
+                raise RequestRejected(422, "unexpected_output", "this item has no output to upload")
         elif req.output is None or req.output.key != it.output_key:
-            raise SchedulerError(422, "wrong_output", f"the output must be uploaded to {it.output_key}")
+            raise RequestRejected(422, "wrong_output", f"the output must be uploaded to {it.output_key}")
         if is_tail and req.loss is None:
-            raise SchedulerError(422, "missing_loss", "the tail must report the sample's loss")
+            raise RequestRejected(422, "missing_loss", "the tail must report the sample's loss")
         if not is_tail and req.loss is not None:
-            raise SchedulerError(422, "unexpected_loss", "only the tail reports a loss")
+            raise RequestRejected(422, "unexpected_loss", "only the tail reports a loss")
         return it
 
     def complete(self, miner: Miner, req: CompleteRequest) -> bool:
@@ -360,19 +421,19 @@ class Scheduler:
             del self.assigned[miner.hotkey]
             self._measure(miner, it, now)
             miner.items_completed += 1
-            if it.kind == "backward" or it.stage == self.n_stages - 1:
+            kind = work_kind(it.kind, it.stage, self.n_stages)
+            if kind != "forward":
                 miner.epoch_steps += 1  # each backward (and the tail's forward) is one optimizer step
             self.db.save_item(it)
             self.db.save_miner(miner)
-            last = self.n_stages - 1
-            if it.kind == "forward" and it.stage < last:
+            if kind == "forward":
                 miner.holding.add(it.item_id)
                 self._queue(attempt, it.stage + 1, "forward", it.output, None, now)
-            elif it.kind == "forward":
+            elif kind == "tail":
                 assert req.loss is not None
                 pathway = [m or "" for m in attempt.pathway]
                 self.db.add_loss(it.sample, it.attempt, req.loss, now, pathway)
-                self._queue_backward(attempt, last - 1, it.output, now)
+                self._queue_backward(attempt, it.stage - 1, it.output, now)
             else:
                 miner.holding.discard(it.forward_item or "")
                 if it.stage > 0:
@@ -397,7 +458,7 @@ class Scheduler:
         self,
         attempt: _Attempt,
         stage: int,
-        kind: str,
+        kind: ItemKind,
         input: ArtifactRef | None,
         miner: str | None,
         now: float,
@@ -426,7 +487,7 @@ class Scheduler:
         self,
         attempt: _Attempt,
         stage: int,
-        kind: str,
+        kind: ItemKind,
         input: ArtifactRef | None,
         miner: str | None,
         now: float,
@@ -436,7 +497,7 @@ class Scheduler:
         self.db.save_item(new)
         if kind == "forward":
             self.stage_queue[stage].append(new.item_id)
-            self.wake_one(self._wants_work_of(stage))
+            self.wakeups.wake_one(self._wants_work_of(stage))
         else:
             assert miner is not None
             self.backward_queue[miner].append(new.item_id)
@@ -463,7 +524,7 @@ class Scheduler:
             if it is not None and it.output_key:
                 keys.append(it.output_key)
         self.attempts.pop((attempt.sample, attempt.attempt), None)
-        self.db.add_garbage(keys, now + self.settings.object_retention_s)
+        self.collect(keys, now)
 
     # ------------------------------------------------------------------------------------------------
     # Failures
@@ -541,7 +602,7 @@ class Scheduler:
             else:
                 sample.state = "retry"
                 self.retry.append(sample_index)
-                self.wake_one(self._wants_work_of(0))
+                self.wakeups.wake_one(self._wants_work_of(0))
             self.db.save_sample(sample, now)
             self._retire(attempt, now)
 

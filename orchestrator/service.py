@@ -1,200 +1,73 @@
-"""The orchestrator as one object: the run, its scheduler, the bucket, who may call, and the background
-loops (reaping, rebalancing, garbage collection, chain refresh). The HTTP routes are thin over this."""
+"""The orchestrator as one object: the run, its scheduler and epoch clock, the bucket, who may call; and one
+method per request, which the HTTP routes call after parsing it (the routes do nothing else).
+
+Its parts: what the run is (`orchestrator.run`), the scheduler (`scheduler`) and the epoch clock (`epochs`),
+the validation book (`validation`), who may call (`registry`), the long polls (`wakeups`), the public
+views (`views`) and the background loops (`loops`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import Any
 
 from common.auth import EpistulaVerifier, signed_request_dependency
-from common.chain import Chain, Neuron
+from common.chain import Chain
 from common.checkpoints import StoredCheckpoint, manifest_key
 from common.codec import content_hash
-from common.config import AuthSettings, DataSettings, ModelSettings
+from common.config import AuthSettings
 from common.data import Corpus, SampleId, SampleSchedule
-from common.model import ModelConfig, boundary_payload_limit, get_preset, stage_sizes
-from common.model.config import split_blocks
+from common.model import boundary_payload_limit, stage_sizes
 from common.protocol import (
     ArtifactRef,
     CheckpointManifest,
-    DataSpec,
-    TrainingSpec,
+    CompleteRequest,
+    CompleteResponse,
+    DashboardData,
+    EpochLedger,
+    FailRequest,
+    LossPage,
+    LossRecord,
+    MergeRecord,
+    MergeReportRequest,
+    PresignRequest,
+    RegisterRequest,
+    RegisterResponse,
+    RunStatus,
+    ScoresReport,
+    UploadTarget,
+    ValidatorRegisterRequest,
+    ValidatorRegisterResponse,
+    ValidatorTaskRequest,
+    ValidatorTaskResponse,
+    VerdictRequest,
     WorkItem,
+    WorkRequest,
+    WorkResponse,
 )
 from common.storage import UPLOAD_CHECK_THREADS, ObjectStore, StorageError
+from orchestrator import views
 from orchestrator.dashboard_state import DashboardState
-from orchestrator.db import Item, StateDB
-from orchestrator.epochs import EpochClock, StoreLinks
-from orchestrator.merge_jobs import run_finalize
-from orchestrator.merging import FinalizeJob, FinalizeResult, MergeState
+from orchestrator.db import Item, Miner, StateDB
+from orchestrator.epochs import EpochClock
+from orchestrator.errors import RequestRejected
+from orchestrator.links import StoreLinks
 from orchestrator.metrics import OrchestratorMetrics
-from orchestrator.scheduler import Scheduler, SchedulerError
-from orchestrator.settings import OrchestratorSettings, training_spec
+from orchestrator.registry import HotkeyRegistry
+from orchestrator.run import RunMismatch, RunSpec, open_run, run_spec
+from orchestrator.scheduler import Scheduler
+from orchestrator.settings import OrchestratorSettings
+from orchestrator.stage_merge import MergeState
 from orchestrator.validation import ValidationBook
+from orchestrator.wakeups import Wakeups
 
 log = logging.getLogger("iota.orchestrator")
 
-
-class RunMismatch(RuntimeError):
-    """The state file belongs to a run with other settings; refuse rather than silently mix two runs."""
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """What a run is; fixed at creation and checked on every restart."""
-
-    model: ModelConfig
-    data: DataSpec
-    training: TrainingSpec
-    seed: int
-
-    def as_json(self) -> dict[str, object]:
-        return {
-            "model": self.model.to_dict(),
-            "data": self.data.model_dump(),
-            "training": self.training.model_dump(),
-            "seed": self.seed,
-        }
-
-
-def run_spec(
-    settings: OrchestratorSettings, model: ModelSettings, data: DataSettings, corpus: Corpus
-) -> RunSpec:
-    overrides: dict[str, object] = {}
-    if model.bottleneck_ratio:
-        overrides["bottleneck_ratio"] = model.bottleneck_ratio
-    cfg = get_preset(model.preset, **overrides)
-    if model.stages:
-        cfg = cfg.with_overrides(stage_blocks=split_blocks(cfg.n_layers, model.stages))
-    if data.seq_len > cfg.max_seq_len:
-        raise ValueError(f"seq_len {data.seq_len} exceeds the preset's max_seq_len {cfg.max_seq_len}")
-    if corpus.tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {corpus.tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}"
-        )
-    return RunSpec(
-        model=cfg,
-        data=DataSpec(
-            source=data.source,
-            fingerprint=corpus.fingerprint,
-            tokenizer=data.tokenizer,
-            batch_size=data.batch_size,
-            seq_len=data.seq_len,
-        ),
-        training=training_spec(settings),
-        seed=model.seed,
-    )
-
-
-def open_run(db: StateDB, spec: RunSpec, clock: Callable[[], float] = time.time) -> str:
-    """The run id stored in `db`, creating the run on first start; refuses a state file of another run."""
-    run_id = db.get_meta("run_id")
-    if run_id is None:
-        run_id = time.strftime("run-%Y%m%d-%H%M%S-", time.gmtime(clock())) + secrets.token_hex(3)
-        with db.transaction():
-            db.set_meta("run_id", run_id)
-            db.set_meta("spec", spec.as_json())
-            db.set_meta("started_at", clock())
-        return str(run_id)
-    stored = db.get_meta("spec")
-    if stored != spec.as_json():
-        raise RunMismatch(
-            f"{db.path} holds run {run_id}, created with other settings (model, data or training). "
-            "Start it with the same settings, or point IOTA_ORCH_STATE_PATH at a new file for a new run."
-        )
-    return str(run_id)
-
-
-class HotkeyRegistry:
-    """Which hotkeys are registered on the subnet, refreshed from the chain in the background.
-
-    The check runs inside request verification, so it must never wait on the chain: it reads a cached
-    set, and a miss only asks the background loop to refresh sooner.
-    """
-
-    def __init__(self, chain: Chain, refresh_s: float) -> None:
-        self.chain, self.refresh_s = chain, refresh_s
-        self.hotkeys: frozenset[str] = frozenset()
-        self.neurons: dict[str, Neuron] = {}
-        self._wake = asyncio.Event()
-
-    def refresh(self) -> None:
-        neurons = {n.hotkey: n for n in self.chain.metagraph().neurons}
-        self.neurons, self.hotkeys = neurons, frozenset(neurons)
-
-    def validator_problem(self, hotkey: str, min_stake: float) -> str | None:
-        """Why `hotkey` may not act as a validator (no permit, too little stake), or None."""
-        neuron = self.neurons.get(hotkey)
-        if neuron is None:
-            return "this hotkey is not registered on the subnet"
-        if not neuron.validator_permit:
-            return "this hotkey has no validator permit"
-        if neuron.stake < min_stake:
-            return f"this hotkey has {neuron.stake:g} stake; validators need at least {min_stake:g}"
-        return None
-
-    def admit(self, hotkey: str) -> bool:
-        if hotkey in self.hotkeys:
-            return True
-        self._wake.set()
-        return False
-
-    async def run(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.refresh_s)
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            try:
-                await asyncio.to_thread(self.refresh)
-            except Exception as error:  # the chain being unreachable must not stop the orchestrator
-                log.warning("could not refresh the metagraph: %s", error)
-            await asyncio.sleep(1.0)  # at most one refresh a second, however many misses
-
-
-class Wakeups:
-    """One event per long-polling miner, set when something that miner may take has arrived.
-
-    A targeted wake-up (`notify`) is for work only that miner may do (its backward). Work any of many miners
-    may take (a stage's forward) wakes just one miner that is parked in a long poll and wants it
-    (`wake_one`): waking every miner of the stage for each item would have hundreds of them race for it.
-    """
-
-    def __init__(self) -> None:
-        self._events: dict[str, asyncio.Event] = {}
-        self._parked: dict[str, None] = {}  # insertion-ordered: the longest-waiting miner is woken first
-
-    def event(self, hotkey: str) -> asyncio.Event:
-        return self._events.setdefault(hotkey, asyncio.Event())
-
-    def notify(self, hotkey: str) -> None:
-        event = self._events.get(hotkey)
-        if event is not None:
-            event.set()
-
-    @contextmanager
-    def parked(self, hotkey: str) -> Iterator[None]:
-        """While the caller's long poll waits for its event."""
-        self._parked[hotkey] = None
-        try:
-            yield
-        finally:
-            self._parked.pop(hotkey, None)
-
-    def wake_one(self, wants: Callable[[str], bool]) -> None:
-        """Wake the longest-parked miner for which `wants(hotkey)` holds, if any is parked."""
-        for hotkey in self._parked:
-            if wants(hotkey):
-                del self._parked[hotkey]  # the next item wakes another miner, not this one again
-                self.notify(hotkey)
-                return
+_VALIDATOR_POLL_S = 0.5  # how often a held replay-task request looks again; tasks appear only when merges close
 
 
 class Orchestrator:
@@ -225,8 +98,7 @@ class Orchestrator:
             settings=settings,
             sample_ids=self.sample_ids,
             clock=clock,
-            notify=self.wakeups.notify,
-            wake_one=self.wakeups.wake_one,
+            wakeups=self.wakeups,
             on_item_done=self.metrics.item_done,
         )
         # Upload URLs outlive an item's deadline, so a slow but honest upload still lands.
@@ -240,10 +112,7 @@ class Orchestrator:
             seed=spec.seed,
             links=self.links,
             clock=clock,
-            notify=self.wakeups.notify,
-            collect=self.collect,
-            on_epoch_end=self._epoch_ended,
-            on_merge_closed=self._merge_closed,
+            listener=self,
         )
         self.validation = ValidationBook(
             db,
@@ -270,6 +139,22 @@ class Orchestrator:
     def sample_ids(self, sample: int) -> list[SampleId]:
         return self.schedule.batch(sample, self.spec.data.batch_size)
 
+    def spawn(self, job: Coroutine[Any, Any, None]) -> None:
+        """Run `job` in the background; the loop keeps only weak references to tasks, so they are kept here."""
+        task = asyncio.get_running_loop().create_task(job)
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+
+    # -- what the epoch clock tells (its `EpochListener`) -------------------------------------------------
+
+    def merge_closed(self, state: MergeState, start: StoredCheckpoint | None) -> None:
+        self.metrics.merge_closed(state)
+        if shadowed := self.validation.shadow(state, start, self.spec.seed):
+            log.info("epoch %d stage %d: %d miners shadowed", state.epoch, state.stage, len(shadowed))
+
+    def epoch_ended(self) -> None:
+        self.spawn(self._write_manifest(self.manifest().model_dump_json(indent=1).encode()))
+
     def manifest(self) -> CheckpointManifest:
         return CheckpointManifest(
             run_id=self.run_id,
@@ -282,17 +167,6 @@ class Orchestrator:
             ],
         )
 
-    def _merge_closed(self, state: MergeState, start: StoredCheckpoint | None) -> None:
-        self.metrics.merge_closed(state)
-        if shadowed := self.validation.shadow(state, start, self.spec.seed):
-            log.info("epoch %d stage %d: %d miners shadowed", state.epoch, state.stage, len(shadowed))
-
-    def _epoch_ended(self) -> None:
-        data = self.manifest().model_dump_json(indent=1).encode()
-        task = asyncio.get_running_loop().create_task(self._write_manifest(data))
-        self._jobs.add(task)
-        task.add_done_callback(self._jobs.discard)
-
     async def _write_manifest(self, data: bytes) -> None:
         for attempt in range(5):
             try:
@@ -302,11 +176,83 @@ class Orchestrator:
                 log.warning("could not write the checkpoint manifest (attempt %d): %s", attempt + 1, error)
                 await asyncio.sleep(2.0 * (attempt + 1))
 
-    def collect(self, keys: list[str]) -> None:
-        """Delete these objects once the grace period has passed."""
-        self.db.add_garbage(keys, self.clock() + self.settings.object_retention_s)
+    # -- who is calling ------------------------------------------------------------------------------------
 
-    # -- wire forms ---------------------------------------------------------------------------------------
+    def _same_run(self, run_id: str) -> None:
+        if run_id != self.run_id:
+            raise RequestRejected(409, "run_mismatch", f"this orchestrator runs {self.run_id}; register again")
+
+    def _same_corpus(self, fingerprint: str) -> None:
+        if fingerprint != self.spec.data.fingerprint:
+            raise RequestRejected(
+                409,
+                "corpus_mismatch",
+                f"your corpus fingerprint {fingerprint[:12]} differs from the run's "
+                f"{self.spec.data.fingerprint[:12]}; configure the same data source (IOTA_DATA_*)",
+            )
+
+    def check_validator(self, hotkey: str) -> None:
+        """Refuses (403) a hotkey without a validator permit or with too little stake."""
+        problem = self.registry.validator_problem(hotkey, self.settings.validator_min_stake)
+        if problem is not None:
+            raise RequestRejected(403, "not_a_validator", problem)
+
+    # -- miners: joining, work, merges ---------------------------------------------------------------------
+
+    def miner_register(self, hotkey: str, body: RegisterRequest) -> RegisterResponse:
+        """Join the run: a stage, a session, the model, the data and the global weights to load."""
+        self._same_corpus(body.corpus_fingerprint)
+        miner = self.scheduler.register(hotkey, body.device, body.preferred_stage)
+        return RegisterResponse(
+            run_id=self.run_id,
+            session=miner.session,
+            stage=miner.stage,
+            model=self.spec.model.to_dict(),
+            data=self.spec.data,
+            training=self.spec.training,
+            weights=self.epochs.joined(miner),
+            poll_wait_s=self.settings.poll_wait_s,
+        )
+
+    async def work_next(self, hotkey: str, body: WorkRequest) -> tuple[WorkResponse, float]:
+        """The caller's next thing to do, waiting up to `wait_s` (capped by `poll_wait_s`) for one; and the
+        seconds the request was parked waiting."""
+        loop = asyncio.get_running_loop()
+        parked_s = 0.0
+        until = loop.time() + min(body.wait_s, self.settings.poll_wait_s)
+        event = self.wakeups.event(hotkey)
+        while True:
+            # Checked again after every wait: the miner may have re-registered meanwhile.
+            miner = self.scheduler.session_miner(hotkey, body.run_id, body.session)
+            event.clear()  # before looking, so a notify that lands after the look is not lost
+            answer = self._work_for(miner)
+            remaining = until - loop.time()
+            if answer is not None or remaining <= 0:
+                return answer or WorkResponse(), parked_s
+            parked_at = loop.time()
+            try:
+                with self.wakeups.parked(hotkey):
+                    await asyncio.wait_for(event.wait(), remaining)
+            except TimeoutError:
+                pass
+            parked_s += loop.time() - parked_at
+
+    def _work_for(self, miner: Miner) -> WorkResponse | None:
+        """What the miner should do now, in order: its stage's merge, reloading the current weights, an
+        item; with any forward state to drop and a move to another stage. None: nothing yet."""
+        cancelled = self.scheduler.take_cancelled(miner)
+        merge = self.epochs.task_for(miner)
+        reload = None if merge else self.epochs.reload_for(miner)
+        item = None if merge or reload else self.scheduler.next_item(miner)
+        if not (item or merge or reload or cancelled or miner.move_to is not None):
+            return None
+        return WorkResponse(
+            item=self.work_item(item) if item is not None else None,
+            cancelled=cancelled,
+            move_to_stage=miner.move_to,
+            merge=merge,
+            reload=reload,
+        )
 
     def work_item(self, it: Item) -> WorkItem:
         source = None if it.input is None else self.links.download_source(it.input)
@@ -318,13 +264,46 @@ class Orchestrator:
             kind=it.kind,
             sample=it.sample,
             attempt=it.attempt,
-            stage=it.stage,  # type: ignore[arg-type]
+            stage=it.stage,
             forward_item=it.forward_item,
             samples=self.scheduler.samples_of(it),
             input=source,
             output=target,
             deadline_in_s=max(0.0, it.deadline - self.clock()),
         )
+
+    async def work_complete(self, hotkey: str, body: CompleteRequest) -> CompleteResponse:
+        """Accept an item done, once its output object exists with exactly the reported size and sha256."""
+        miner = self.scheduler.session_miner(hotkey, body.run_id, body.session)
+        item = self.scheduler.check_complete(miner, body)
+        if item is not None and body.output is not None:
+            try:
+                problem = await self.checked_upload(body.output)
+            except StorageError as error:
+                raise RequestRejected(
+                    503, "storage_unavailable", f"could not check the upload: {error}"
+                ) from None
+            if problem is not None:
+                self.scheduler.record_bad_upload(miner, item, problem)
+                raise RequestRejected(422, "bad_upload", problem)
+            # Checked again after the wait: the miner may have re-registered meanwhile.
+            miner = self.scheduler.session_miner(hotkey, body.run_id, body.session)
+        return CompleteResponse(sample_completed=self.scheduler.complete(miner, body))
+
+    def work_fail(self, hotkey: str, body: FailRequest) -> None:
+        """Give up on the caller's current item; with `blame_input`, its input was bad."""
+        miner = self.scheduler.session_miner(hotkey, body.run_id, body.session)
+        self.scheduler.fail_item(miner, body.item_id, body.reason, blame_input=body.blame_input)
+
+    def work_presign(self, hotkey: str, body: PresignRequest) -> UploadTarget:
+        """A fresh upload URL for the output of the caller's current item (and for no other key)."""
+        miner = self.scheduler.session_miner(hotkey, body.run_id, body.session)
+        self.scheduler.may_upload(miner, body.key)
+        return self.links.upload_target(body.key)
+
+    def merge_report(self, hotkey: str, body: MergeReportRequest) -> None:
+        miner = self.scheduler.session_miner(hotkey, body.run_id, body.session)
+        self.epochs.report(miner, body.epoch, body.stage, body.report)
 
     # -- checking an upload before accepting it ---------------------------------------------------------
 
@@ -347,70 +326,63 @@ class Orchestrator:
             return f"the object at {ref.key} does not hash to the reported sha256"
         return None
 
-    # -- background loops ---------------------------------------------------------------------------------
+    # -- validators ----------------------------------------------------------------------------------------
 
-    async def reap_loop(self) -> None:
-        last_rebalance = self.clock()
+    def validator_register(self, hotkey: str, body: ValidatorRegisterRequest) -> ValidatorRegisterResponse:
+        """Join as a validator: the run's model, data and training settings, to replay miners' work with."""
+        self._same_corpus(body.corpus_fingerprint)
+        self.db.add_event(self.clock(), "validator_registered", body.device, miner=hotkey)
+        return ValidatorRegisterResponse(
+            run_id=self.run_id,
+            model=self.spec.model.to_dict(),
+            data=self.spec.data,
+            training=self.spec.training,
+            seed=self.spec.seed,
+            poll_wait_s=self.settings.poll_wait_s,
+        )
+
+    async def validator_task(self, hotkey: str, body: ValidatorTaskRequest) -> ValidatorTaskResponse:
+        """A replay task leased to the caller, waiting up to `wait_s` (capped by `poll_wait_s`) for one."""
+        self._same_run(body.run_id)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + min(body.wait_s, self.settings.poll_wait_s)
         while True:
-            await asyncio.sleep(1.0)
-            try:
-                self.scheduler.reap()
-                self.epochs.tick()
-                if self.clock() - last_rebalance >= self.settings.rebalance_interval_s:
-                    last_rebalance = self.clock()
-                    if move := self.scheduler.rebalance():
-                        log.info(
-                            "moving miner %s from stage %d to %d",
-                            move.hotkey[:8],
-                            move.from_stage,
-                            move.to_stage,
-                        )
-            except Exception:
-                log.exception("reaping failed; will try again")
+            leased = self.validation.lease(hotkey)
+            remaining = until - loop.time()
+            if leased is not None or remaining <= 0:
+                return ValidatorTaskResponse(task=leased)
+            await asyncio.sleep(min(_VALIDATOR_POLL_S, remaining))
 
-    async def merge_loop(self) -> None:
-        """Run each stage's finalize step (settle, outer step, checkpoint) off the event loop."""
-        while True:
-            await asyncio.sleep(0.2)
-            for job, previous in self.epochs.finalize_jobs():
-                task = asyncio.create_task(self._finalize(job, previous))
-                self._jobs.add(task)  # the loop keeps only weak references to tasks
-                task.add_done_callback(self._jobs.discard)
+    def validator_verdict(self, hotkey: str, body: VerdictRequest) -> None:
+        self._same_run(body.run_id)
+        self.validation.verdict(hotkey, body.task_id, body.verdict)
 
-    async def _finalize(self, job: FinalizeJob, previous: StoredCheckpoint | None) -> None:
-        s = job.state
-        result: FinalizeResult | None = None
-        try:
-            result = await asyncio.to_thread(
-                run_finalize,
-                job,
-                store=self.store,
-                cfg=self.spec.model,
-                seed=self.spec.seed,
-                previous=previous,
-                clip_factor=self.settings.merge_clip_factor,
-                outer_lr=self.settings.outer_lr,
-                outer_momentum=self.settings.outer_momentum,
-            )
-        except Exception:
-            log.exception("finalizing the merge of stage %d failed; will try again", s.stage)
-            await asyncio.sleep(2.0)
-        self.epochs.finalized(s.stage, s.epoch, result)
-        self.epochs.tick()
+    def validator_scores(self, hotkey: str, body: ScoresReport) -> None:
+        """Kept for the dashboard, the latest per validator, in memory; it decides nothing."""
+        self._same_run(body.run_id)
+        self.dashboard.receive(hotkey, body)
 
-    async def garbage_loop(self) -> None:
-        while True:
-            await asyncio.sleep(2.0)
-            keys = self.db.due_garbage(self.clock())
-            if not keys:
-                continue
-            try:
-                await asyncio.to_thread(self.store.delete, keys)
-            except StorageError as error:
-                log.warning("could not delete %d objects (will retry): %s", len(keys), error)
-                continue
-            with self.db.transaction():
-                self.db.remove_garbage(keys)
+    # -- public views --------------------------------------------------------------------------------------
+
+    def status(self) -> RunStatus:
+        return views.run_status(self)
+
+    def dashboard_data(self) -> DashboardData:
+        return views.dashboard_data(self)
+
+    def losses(self, after: int, limit: int) -> LossPage:
+        rows = self.db.losses_after(after, limit)
+        records = [
+            LossRecord(seq=seq, sample=sample, attempt=attempt, loss=loss, at=at, pathway=pathway)
+            for seq, sample, attempt, loss, at, pathway in rows
+        ]
+        return LossPage(records=records, next_after=records[-1].seq if records else after)
+
+    def merges(self, after_epoch: int, limit: int) -> list[MergeRecord]:
+        return self.epochs.records(after_epoch, limit)
+
+    def ledger(self, after_epoch: int, limit: int) -> list[EpochLedger]:
+        return self.validation.ledger(after_epoch, limit, self.epochs.state.epoch)
 
 
-__all__ = ["Orchestrator", "RunMismatch", "RunSpec", "SchedulerError", "open_run", "run_spec"]
+__all__ = ["Orchestrator", "RequestRejected", "RunMismatch", "RunSpec", "open_run", "run_spec"]

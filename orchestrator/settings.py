@@ -9,12 +9,12 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings
 
-from common.config import _config
+from common.config import settings_config
 from common.protocol import TrainingSpec
 
 
 class OrchestratorSettings(BaseSettings):
-    model_config = _config("IOTA_ORCH_")
+    model_config = settings_config("IOTA_ORCH_")
 
     host: str = Field("127.0.0.1", description="Address to listen on; 0.0.0.0 to serve other machines.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")

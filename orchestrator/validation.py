@@ -36,8 +36,8 @@ from common.protocol import (
     VerdictRecord,
 )
 from orchestrator.db import Item, StateDB
-from orchestrator.merging import MergeState
-from orchestrator.scheduler import SchedulerError
+from orchestrator.stage_merge import MergeState
+from orchestrator.errors import RequestRejected
 from orchestrator.settings import OrchestratorSettings
 
 
@@ -134,7 +134,7 @@ class ValidationBook:
     def verdict(self, validator: str, task_id: str, verdict: ReplayVerdict) -> None:
         rows = [r for r in self.db.validations(statuses=("leased",)) if r["task_id"] == task_id]
         if not rows or rows[0]["validator"] != validator:
-            raise SchedulerError(403, "not_your_task", f"task {task_id} is not leased to you")
+            raise RequestRejected(403, "not_your_task", f"task {task_id} is not leased to you")
         row = rows[0]
         row.update(
             status="passed" if verdict.passed else "failed",

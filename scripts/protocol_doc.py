@@ -10,7 +10,7 @@ served. What the schema does not say comes from beside it:
 
 - the request body and who may call: the table (signed routes read their body themselves, to verify the
   signature over the raw bytes, so FastAPI does not see it as a body);
-- the error codes: every `SchedulerError(status, "code", ...)` and `HTTPException` reachable from the
+- the error codes: every `RequestRejected(status, "code", ...)` and `HTTPException` reachable from the
   endpoint and its dependencies (the signed body's parsing; the signature checks are listed once, for all
   signed routes), found by following their calls, by name, through the orchestrator package. Following by
   name can only over-approximate: a listed code is raised somewhere on a path the endpoint may take.
@@ -55,7 +55,6 @@ def build_app() -> Any:
     """
     for name in [n for n in os.environ if n.startswith("IOTA_")]:
         del os.environ[name]
-    sys.path.insert(0, str(ROOT))
     import torch
 
     torch.set_num_threads(1)
@@ -127,7 +126,7 @@ def _analyse(name: str, where: str, node: ast.AST, codes: dict[int, str]) -> _Fu
         call, callee = sub.exc, _callee(sub.exc)
         args = list(call.args)
         kwargs = {k.arg: k.value for k in call.keywords if k.arg}
-        if callee == "SchedulerError" and len(args) >= 2:
+        if callee == "RequestRejected" and len(args) >= 2:
             status, code = args[0], args[1]
             if isinstance(status, ast.Constant) and isinstance(code, ast.Constant):
                 func.raises.append(

@@ -1,18 +1,26 @@
-"""Load a script under bench/ as a module, so a test can call it in-process (torch is already imported)."""
+"""The one way a test runs a benchmark: `bench.<name>.main(argv)` in this process, as
+`python -m bench.<name> *argv` would run it (torch is already imported here, where a subprocess would
+spend seconds importing it again), with the process left as it was."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+import json
 from types import ModuleType
+from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+import torch
 
 
-def load_bench(name: str) -> ModuleType:
-    """`bench/<name>.py` as the module `bench_<name>`."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def run_bench(bench: ModuleType, argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    """What `bench.main(argv)` prints, parsed: pass `--json`. Torch's thread count (benchmarks pin their
+    own) and the global generator (some seed it) are restored for the rest of the session."""
+    capsys.readouterr()  # only the benchmark's own output
+    threads = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng():
+            bench.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    result: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return result

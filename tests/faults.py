@@ -1,6 +1,6 @@
 """Helpers of the fault-injection tests (`tests/test_faults_e2e.py`): what a miner holds in the orchestrator's
 state, freezing a miner at the moment it holds an item of a kind, a miner on a wrong clock, and the checks
-every fault must pass. The proxy that cuts, fails and stalls connections is `iota.netproxy.LoopbackProxy`
+every fault must pass. The proxy that cuts, fails and stalls connections is `bench.netproxy.LoopbackProxy`
 (`bench/wire.py` counts bytes with it)."""
 
 from __future__ import annotations

@@ -5,30 +5,19 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench import compression  # noqa: E402
-from common.model import IotaModel, get_preset  # noqa: E402
+from bench import compression
+from common.model import IotaModel, get_preset
+from tests.benches import run_bench
 
 
-def test_quick_sweep_reports_every_setting(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_quick_sweep_reports_every_setting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "compression.json"
-    monkeypatch.setattr(sys, "argv", ["compression.py", "--quick", "--json", "--out", str(out)])
-    threads = torch.get_num_threads()
-    try:  # in this process rather than a subprocess: a second torch import costs seconds
-        compression.main()
-    finally:
-        torch.set_num_threads(threads)  # the bench pins one thread; give the rest of the session its own
-    result = json.loads(capsys.readouterr().out)
+    result = run_bench(compression, ["--quick", "--json", "--out", str(out)], capsys)
     assert json.loads(out.read_text()) == result
     settings = result["settings"]
     assert list(settings) == list(compression.ALL_SETTINGS)

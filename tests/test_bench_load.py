@@ -3,26 +3,25 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench import load
+from tests.benches import run_bench
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_load_bench_loses_nothing_and_reports_the_named_figures(tmp_path: Path) -> None:
+def test_load_bench_loses_nothing_and_reports_the_named_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "load.json"
-    command = [
-        sys.executable, str(ROOT / "bench" / "load.py"), "--json", "--miners", "30", "--duration", "4",
-        "--warmup", "1", "--compute-ms", "50", "--out", str(out),
+    argv = [
+        "--json", "--miners", "30", "--duration", "4", "--warmup", "1", "--compute-ms", "50",
+        "--out", str(out),
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=220, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout)
+    result = run_bench(load, argv, capsys)
     assert json.loads(out.read_text()) == result
     assert result["errors"] == 0, result["error_kinds"]
     assert result["lost_items"] == 0

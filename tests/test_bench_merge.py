@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench import merge
+from tests.benches import run_bench
 
 
 @pytest.mark.timeout(120)
-def test_merge_bench_json(tmp_path: Path) -> None:
+def test_merge_bench_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "merge.json"
-    command = [sys.executable, str(ROOT / "bench" / "merge.py"), "--json", "--ns", "2,4", "--out", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=110, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout)
+    result = run_bench(merge, ["--json", "--ns", "2,4", "--out", str(out)], capsys)
     assert json.loads(out.read_text()) == result
     assert result["config"]["preset"] == "tiny" and result["config"]["stage"] == 1
     assert set(result["results"]) == {"2", "4"}

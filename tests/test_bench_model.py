@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
+from bench import model as model_bench
 from common.model import get_preset
-from tests.benches import load_bench
+from tests.benches import run_bench
 
 SHAPE_KEYS = ("vocab", "d_model", "layers", "heads", "kv_heads", "head_dim", "ffn", "rope_theta", "norm_eps")
 
@@ -16,14 +15,7 @@ SHAPE_KEYS = ("vocab", "d_model", "layers", "heads", "kv_heads", "head_dim", "ff
 @pytest.mark.timeout(120)
 def test_model_bench_quick_json(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("transformers", reason="the bench extra (pip install -e .[bench])")
-    bench = load_bench("model")
-    threads = torch.get_num_threads()
-    try:
-        with torch.random.fork_rng():  # the bench seeds the global generator for HF's init
-            bench.main(["--quick", "--json"])
-    finally:
-        torch.set_num_threads(threads)  # the bench sets 1; leave the worker as it was
-    result = json.loads(capsys.readouterr().out)
+    result = run_bench(model_bench, ["--quick", "--json"], capsys)  # it seeds the global generator
 
     cfg = get_preset("tiny")
     ours, hf = result["ours_shape"], result["hf_shape"]

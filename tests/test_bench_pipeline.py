@@ -3,27 +3,23 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench import pipeline
+from tests.benches import run_bench
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)  # a loaded 2-core CI machine has taken over 110 s
-def test_pipeline_bench_json(tmp_path: Path) -> None:
+def test_pipeline_bench_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "pipeline.json"
-    command = [
-        sys.executable, str(ROOT / "bench" / "pipeline.py"), "--json", "--duration", "5",
-        "--batch-size", "2", "--seq-len", "32", "--warmup", "1", "--single-steps", "2",
-        "--workdir", str(tmp_path / "devnet"), "--out", str(out),
+    argv = [
+        "--json", "--duration", "5", "--batch-size", "2", "--seq-len", "32", "--warmup", "1",
+        "--single-steps", "2", "--workdir", str(tmp_path / "devnet"), "--out", str(out),
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=280, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout)
+    result = run_bench(pipeline, argv, capsys)
     assert json.loads(out.read_text()) == result
     for key in (
         "devnet_tokens_per_s",

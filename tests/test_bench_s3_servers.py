@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.benches import load_bench
+from bench import s3_servers
+from tests.benches import run_bench
 
 
 @pytest.mark.timeout(120)
 def test_s3_servers_bench_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "s3_servers.json"
-    load_bench("s3_servers").main(["--json", "--requests", "5", "--size", "4096", "--out", str(out)])
-    result = json.loads(capsys.readouterr().out)
+    result = run_bench(s3_servers, ["--json", "--requests", "5", "--size", "4096", "--out", str(out)], capsys)
     assert json.loads(out.read_text()) == result
     assert set(result["servers"]) == {"moto", "nanio"}
     for figures in result["servers"].values():

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench import validation
+from tests.benches import run_bench
 
 
 @pytest.mark.timeout(300)
-def test_validation_bench_json(tmp_path: Path) -> None:
+def test_validation_bench_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "validation.json"
-    command = [sys.executable, str(ROOT / "bench" / "validation.py"), "--json", "--quick", "--out", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=280, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout)
+    result = run_bench(validation, ["--json", "--quick", "--out", str(out)], capsys)
     assert json.loads(out.read_text()) == result
 
     cost = result["replay_cost"]

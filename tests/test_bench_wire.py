@@ -5,13 +5,12 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from bench import wire
 from common.s3server import EmbeddedS3
-from tests.benches import load_bench
 
 
 @pytest.mark.timeout(60)
 def test_hop_bytes_through_s3(s3: EmbeddedS3) -> None:
-    wire = load_bench("wire")
     with wire.counted_store(s3, "test-bench-wire", keep=True) as (store, proxy), httpx.Client() as http:
         rows = wire.measure_s3(store, proxy, http, "1.5b", 128, 1, 1024, real=False)
         tiny = wire.measure_s3(store, proxy, http, "tiny", 128, 1, 256, real=False)

@@ -1,8 +1,8 @@
 """The live dashboard: its data (GET /v1/dashboard), the validators' score reports it shows
 (POST /v1/validators/scores), the page itself (GET /dashboard), and the page rendered in headless chromium.
 
-The orchestrator is the real one over HTTP, built as tests/test_orchestrator_http.py builds it (its fixtures
-are reused); miners are driven by hand through the signed HTTP API with real uploads to the embedded S3.
+The orchestrator is the real one over HTTP, built by tests/harness.py (through tests/conftest.py's
+fixtures); miners are driven by hand through the signed HTTP API with real uploads to the embedded S3.
 """
 
 from __future__ import annotations
@@ -26,19 +26,8 @@ from orchestrator import dashboard_state, service
 from orchestrator.dashboard_state import DashboardState, LossCurve, ThroughputHistory
 from orchestrator.db import StateDB
 from tests.browser import check_dashboard, render_dashboard, require_chromium
-from tests.test_orchestrator_http import (  # noqa: F401 (fixtures)
-    NETUID,
-    PROTOCOL_HEADERS,
-    Keys,
-    Net,
-    assert_error,
-    boundary_payload,
-    keys,
-    s3,
-    start,
-    upload,
-    wait_until,
-)
+from tests.harness import NETUID, PROTOCOL_HEADERS, Keys, Net, assert_error, boundary_payload, upload
+from tests.waiting import wait_until
 from validator.daemon import ValidatorDaemon
 from validator.settings import ValidatorSettings
 
@@ -46,7 +35,7 @@ pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture
-def chain_path(tmp_path: Path, keys: Keys) -> Path:  # noqa: F811
+def chain_path(tmp_path: Path, keys: Keys) -> Path:
     """A fresh chain per test (validators and weights from one test never show in another)."""
     path = tmp_path / "chain.json"
     chain = LocalChain(path, NETUID)
@@ -56,7 +45,7 @@ def chain_path(tmp_path: Path, keys: Keys) -> Path:  # noqa: F811
 
 
 @pytest.fixture
-def net(start: Callable[..., Net], monkeypatch: pytest.MonkeyPatch) -> Net:  # noqa: F811
+def net(start: Callable[..., Net], monkeypatch: pytest.MonkeyPatch) -> Net:
     """An orchestrator whose dashboard samples throughput every 0.1 s and reads the chain every 0.2 s."""
 
     def fast(*args: Any, **kwargs: Any) -> DashboardState:

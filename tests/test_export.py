@@ -26,7 +26,7 @@ from iota.cli import app
 from iota.export import ExportError, export_model, generate, generate_ids, load_exported, read_manifest
 from iota.hf_export import export_hf
 from orchestrator.db import StateDB
-from tests.test_hf_data import _train_tokenizer
+from tests.bpe_tokenizer import train_tokenizer
 
 BUCKET = "test-export"
 SEED = 7
@@ -303,7 +303,7 @@ def test_hf_export_saves_a_hugging_face_tokenizer_that_encodes_as_the_run_did(
     from transformers import AutoTokenizer
 
     # The folder (not the file): transformers' AutoTokenizer loads it, the way it loads a Hub tokenizer.
-    path = _train_tokenizer(tmp_path / "tok").parent
+    path = train_tokenizer(tmp_path / "tok").parent
     publish_run(store, "run-hf-bpe", tokenizer=str(path))
     out = tmp_path / f"iota-hf-bpe-{WORKER}"
     export_hf(store, "run-hf-bpe", out)

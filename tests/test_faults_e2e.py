@@ -28,9 +28,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from bench.netproxy import LoopbackProxy
 from common.protocol import MergeRecord, RunStatus
 from iota.devnet import Devnet, DevnetOptions
-from iota.netproxy import LoopbackProxy
 from tests.faults import (
     assert_exact_accounting,
     completed_by,

@@ -55,14 +55,9 @@ from common.protocol import (
 from orchestrator.app import create_app
 from orchestrator.deps import BodyDependency
 from orchestrator.routers import public
-from tests import test_orchestrator_http as harness
-from tests.test_orchestrator_http import Net
-from tests.test_security import PUBLIC_ROUTES, api_routes, register_validator
+from tests.harness import PUBLIC_ROUTES, Net, api_routes, register_validator
 
 pytestmark = pytest.mark.timeout(240)
-
-# The harness's fixtures, by name: one S3 server and chain per module, a fresh orchestrator per test.
-s3, keys, chain_path, start = harness.s3, harness.keys, harness.chain_path, harness.start
 
 MAX_EXAMPLES = 25  # generated requests per operation and pass (explicit examples come on top)
 # Unsigned requests to a signed route stop at the signature, whatever the body: fewer of them say as much.

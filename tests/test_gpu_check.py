@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import torch
 
+from bench import stage_memory
 from iota.devnet import Devnet, DevnetOptions
 from scripts import gpu_check
-from tests.benches import load_bench
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
@@ -136,7 +136,7 @@ def test_without_cuda_the_real_check_refuses_to_start(tmp_path: Path) -> None:
 
 
 def test_the_batch_search_finds_the_largest_batch_that_fits() -> None:
-    largest_batch = load_bench("stage_memory").largest_batch
+    largest_batch = stage_memory.largest_batch
     for cap in (1, 7, 64, 256):
         for limit in (0, 1, 2, 3, 5, 8, 13, 64, 100, 300):
             tried: list[int] = []

@@ -28,6 +28,7 @@ from common.data import (  # noqa: E402
     make_corpus,
 )
 from common.hf_data import HFStreamingCorpus, HFTokenizer, list_data_files  # noqa: E402
+from tests.bpe_tokenizer import train_tokenizer  # noqa: E402
 
 JSONL_ROWS = ["alpha", "beta gamma"]
 PARQUET_ROWS = [f"p{i}" for i in range(7)]
@@ -169,23 +170,8 @@ def test_a_hub_dataset_is_resolved_through_datasets_and_stays_offline() -> None:
         list_data_files("HuggingFaceFW/fineweb-edu", config=None, split="train", data_files=None)
 
 
-def _train_tokenizer(folder: Path, special: str = "<|endoftext|>") -> Path:
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    tokenizer = tokenizers.Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=[special], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(["alpha beta gamma delta", "the quick brown fox"] * 20, trainer)
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    return folder / "tokenizer.json"
-
-
 def test_a_tokenizer_trained_here_loads_by_path_and_round_trips(tmp_path: Path, data: Path) -> None:
-    path = _train_tokenizer(tmp_path / "tok")
+    path = train_tokenizer(tmp_path / "tok")
     tokenizer = load_tokenizer(str(path))
     assert isinstance(tokenizer, HFTokenizer)
     assert load_tokenizer(str(path.parent)).fingerprint == tokenizer.fingerprint  # the folder works too
@@ -206,7 +192,7 @@ def test_a_tokenizer_trained_here_loads_by_path_and_round_trips(tmp_path: Path, 
 
 def test_bad_tokenizers_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="end-of-text"):
-        load_tokenizer(str(_train_tokenizer(tmp_path / "no-eos", special="<pad>")))
+        load_tokenizer(str(train_tokenizer(tmp_path / "no-eos", special="<pad>")))
     with pytest.raises(ValueError, match="no tokenizer file"):
         load_tokenizer(str(tmp_path / "missing.json"))
 
@@ -224,7 +210,7 @@ def test_make_corpus_builds_either_source_and_schedules_agree(
     with pytest.raises(ValueError, match="tokenizer=byte"):
         make_corpus(DataSettings(local_root=tmp_path / "src", tokenizer="gpt2"))
 
-    path = _train_tokenizer(tmp_path / "tok")
+    path = train_tokenizer(tmp_path / "tok")
     settings = DataSettings(source="hf", hf_data_files=str(data / "*"), tokenizer=str(path), seq_len=12)
     first, second = make_corpus(settings), make_corpus(settings)
     assert isinstance(first, HFStreamingCorpus) and first.fingerprint == second.fingerprint

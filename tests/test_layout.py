@@ -95,11 +95,11 @@ def _crossings(module: str, source: str) -> list[str]:
         ("validator.replay", "from miner.trainer import StageTrainer, TrainerError"),
         ("validator.replay", "import miner.behaviors"),
         ("orchestrator.service", "from validator import scoring"),
-        ("miner.worker", "def f() -> None:\n    from orchestrator.merging import StageMerge"),
+        ("miner.worker", "def f() -> None:\n    from orchestrator.stage_merge import StageMerge"),
         ("miner.worker", "from iota.devnet import Devnet"),
         ("validator.daemon", "from ..orchestrator import db"),
         ("validator.daemon", "from .. import miner"),
-        ("common.merge", "from orchestrator.merge_jobs import stage_shapes"),
+        ("common.merge", "from orchestrator.merge_finalize import stage_shapes"),
         ("common.model.stages", "from ...iota import export"),
     ],
 )
@@ -112,7 +112,7 @@ def test_the_boundary_scan_catches_each_way_to_cross_it(module: str, source: str
     [
         ("validator.replay", "from common.training import StageTrainer"),
         ("validator.replay", "from . import scoring\nfrom .clasp import estimate_effects"),
-        ("miner.worker", "from miner.merging import MergeParticipant"),
+        ("miner.worker", "from miner.merge_participant import MergeParticipant"),
         ("iota.devnet", "from miner.trainer import MinerTrainer\nfrom orchestrator import app"),
         ("common.model.stages", "from ..merge import flatten"),
     ],

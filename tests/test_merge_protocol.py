@@ -10,20 +10,20 @@ import httpx
 import pytest
 import torch
 
+from bench.merge_in_process import run_merge_in_process
 from common.checkpoints import StoredCheckpoint
 from common.merge import flatten, nesterov_step, robust_weighted_mean, weights_digest
 from common.model import get_preset
 from common.protocol import Checkpoint, GlobalWeights
 from common.storage import ObjectStore
 from common.training import StageTrainer
-from iota.local_merge import run_local_merge
 from miner.behaviors import BehaviorPolicy
-from miner.merging import MergeParticipant
+from miner.merge_participant import MergeParticipant
 from miner.trainer import MinerTrainer
-from orchestrator.epochs import StoreLinks
-from orchestrator.merge_jobs import run_finalize
-from orchestrator.merging import StageMerge
+from orchestrator.links import StoreLinks
+from orchestrator.merge_finalize import run_finalize
 from orchestrator.settings import OrchestratorSettings, training_spec
+from orchestrator.stage_merge import StageMerge
 
 CFG = get_preset("tiny")
 STAGE, SEED = 1, 3
@@ -89,7 +89,7 @@ def weights(p: MergeParticipant) -> torch.Tensor:
 
 def merge_all(parts: dict[str, MergeParticipant], store: ObjectStore, **kw: object) -> StageMerge:
     accepted = kw.pop("accepted", None) or steps_of(parts)
-    return run_local_merge(
+    return run_merge_in_process(
         parts,
         store=store,
         cfg=CFG,
@@ -156,7 +156,7 @@ def test_two_merges_in_a_row_carry_the_outer_momentum_and_a_new_replica_joins_fr
     momentum = next(iter(parts.values())).momentum
     for i, p in enumerate(parts.values()):
         train(p, 2, seed=7 + i)
-    second = run_local_merge(
+    second = run_merge_in_process(
         parts, store=store, cfg=CFG, seed=SEED, stage=STAGE, epoch=21, accepted=steps_of(parts), previous=ckpt
     ).merge
     assert second.state.phase == "done" and second.state.version == 1

@@ -21,21 +21,10 @@ from common.keys import generate_keypair
 from common.metrics import human_bytes, serve_metrics
 from common.protocol import MinerScoreEntry, ScoresReport
 from iota.cli import _log_options
-from miner.merging import Traffic
+from miner.merge_participant import Traffic
 from miner.metrics import MinerMetrics, MinerStatusLine, MinerView
 from orchestrator.metrics import StatusLine
-from tests.test_orchestrator_http import (  # noqa: F401  (fixtures, used by name)
-    BATCH,
-    NETUID,
-    SEQ,
-    Net,
-    boundary_payload,
-    chain_path,
-    keys,
-    net,
-    start,
-    upload,
-)
+from tests.harness import BATCH, NETUID, SEQ, Net, boundary_payload, upload
 from validator.daemon import ValidatorDaemon, WeightsRound
 from validator.scoring import MinerScore
 from validator.settings import ValidatorSettings

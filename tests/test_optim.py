@@ -10,12 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
-
-from bench.replay_sim import TRAINING, simulate_epoch, torch_threads  # noqa: E402
-from common import optim  # noqa: E402
-from common.model import build_stage, get_preset  # noqa: E402
-from common.optim import (  # noqa: E402
+from bench.replay_sim import TRAINING, simulate_epoch, torch_threads
+from common import optim
+from common.model import build_stage, get_preset
+from common.optim import (
     CombinedOptimizer,
     FactoredSecondMoment,
     build_inner_optimizer,
@@ -23,9 +21,9 @@ from common.optim import (  # noqa: E402
     optimizer_state_bytes,
     vocab_parameter_names,
 )
-from common.training import StageTrainer  # noqa: E402
-from iota.preflight import count_stage_parameters, stage_optimizer_bytes  # noqa: E402
-from validator.replay import EXACT_TOLERANCES  # noqa: E402
+from common.training import StageTrainer
+from iota.preflight import count_stage_parameters, stage_optimizer_bytes
+from validator.replay import EXACT_TOLERANCES
 
 FACTORED = get_preset("tiny", max_seq_len=64, vocab_optimizer="factored")
 

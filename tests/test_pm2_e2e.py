@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import pytest
 
 from common.keys import create_hotkey
 from iota.devnet import WALLET, Devnet, DevnetOptions
+from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 PM2 = REPO / ".venv/node/node_modules/.bin/pm2"
@@ -31,6 +32,7 @@ REGISTERED = {"miner": "registered with run ", "validator": "validating run "}
 # A start is setup.sh (about a second), the preflight checks and the daemon's own start: about 10 s idle,
 # several times that on a loaded 2-core machine.
 START_S = 120.0
+POLL_S = 0.5  # how often a wait looks again
 
 pytestmark = pytest.mark.slow
 
@@ -74,14 +76,6 @@ def pm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pm2]:
         yield cli
     finally:
         cli("kill")  # stops every app this session started, and the daemon
-
-
-def wait_until(what: str, check: Callable[[], bool], timeout_s: float = START_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {timeout_s} s: {what}")
-        time.sleep(0.5)
 
 
 def settings_file(path: Path, net: Devnet, **settings: str) -> Path:
@@ -145,9 +139,9 @@ def test_pm2_starts_restarts_and_stops_the_miner_and_the_validator(tmp_path: Pat
         for role in ROLES:
             pm2("start", f"pm2/{role}.config.js", IOTA_ENV_FILE=str(env_files[role]))
         for role in ROLES:
-            wait_until(f"the {role} registers", lambda role=role: registrations(role) == 1)
-        wait_until("the miner trains", lambda: miner_active() and samples() >= 2)
-        wait_until("the validator sets weights", lambda: report_at() > 0)
+            wait_for(f"the {role} registers", lambda role=role: registrations(role) == 1, START_S, POLL_S)
+        wait_for("the miner trains", lambda: miner_active() and samples() >= 2, START_S, POLL_S)
+        wait_for("the validator sets weights", lambda: report_at() > 0, START_S, POLL_S)
 
         # SIGKILL each daemon's python process (the start script exec'd it: it is PM2's pid).
         apps = pm2.apps()
@@ -158,15 +152,18 @@ def test_pm2_starts_restarts_and_stops_the_miner_and_the_validator(tmp_path: Pat
             os.kill(pid, signal.SIGKILL)
         killed_at, before = time.time(), samples()
         for role in ROLES:
-            wait_until(
-                f"PM2 restarts the {role} and it registers again", lambda role=role: registrations(role) == 2
+            wait_for(
+                f"PM2 restarts the {role} and it registers again",
+                lambda role=role: registrations(role) == 2,
+                START_S,
+                POLL_S,
             )
         apps = pm2.apps()
         for role in ROLES:
             assert apps[f"iota-{role}"]["pm2_env"]["restart_time"] == 1
             assert apps[f"iota-{role}"]["pm2_env"]["status"] == "online"
-        wait_until("the restarted miner trains", lambda: miner_active() and samples() > before)
-        wait_until("the restarted validator sets weights", lambda: report_at() > killed_at)
+        wait_for("the restarted miner trains", lambda: miner_active() and samples() > before, START_S, POLL_S)
+        wait_for("the restarted validator sets weights", lambda: report_at() > killed_at, START_S, POLL_S)
 
         # `pm2 stop`, one app at a time: each daemon finishes by itself well within its kill_timeout.
         for role in ROLES:

@@ -6,7 +6,6 @@ The start scripts that run these checks as a user does are tested in test_start_
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -33,17 +32,11 @@ from iota.preflight import (
     state_path_result,
 )
 from miner.settings import MinerSettings
+from tests.operator_env import dead_port
 
 GIB = 2**30
 SS58 = "5F3sa2TJAWMqDhXG6jhV4N8ko9SxwGy8TpaNS1repo5EYjQX"
 MINER_DEVICE = DeviceSetting("IOTA_MINER_DEVICE", "cuda")
-
-
-def dead_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 @pytest.fixture

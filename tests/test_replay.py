@@ -3,7 +3,6 @@ tampered uploads fail on the right check, and tasks that cannot be replayed rais
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -11,9 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
-
-from bench.replay_sim import (  # noqa: E402
+from bench.replay_sim import (
     CONDITIONS,
     TRAINING,
     Simulation,
@@ -22,13 +19,13 @@ from bench.replay_sim import (  # noqa: E402
     simulate_epoch,
     torch_threads,
 )
-from common.data import LocalTextCorpus  # noqa: E402
-from common.merge import decode_slice, encode_slice  # noqa: E402
-from common.model import boundary_shape  # noqa: E402
-from common.protocol import CheckKind, DownloadSource, GlobalWeights, ReplayVerdict, ValidationTask  # noqa: E402
-from common.wire import BoundaryWire  # noqa: E402
-from miner.behaviors import Behavior  # noqa: E402
-from validator.replay import (  # noqa: E402
+from common.data import LocalTextCorpus
+from common.merge import decode_slice, encode_slice
+from common.model import boundary_shape
+from common.protocol import CheckKind, DownloadSource, GlobalWeights, ReplayVerdict, ValidationTask
+from common.wire import BoundaryWire
+from miner.behaviors import Behavior
+from validator.replay import (
     CROSS_REGIME_HORIZON,
     DEFAULT_TOLERANCES,
     EXACT_TOLERANCES,

@@ -11,8 +11,10 @@ from common.data import SampleId
 from common.protocol import ArtifactRef, CompleteRequest
 from common.storage import ObjectStore
 from orchestrator.db import StateDB
-from orchestrator.epochs import EpochClock, StoreLinks
-from orchestrator.scheduler import Scheduler, SchedulerError
+from orchestrator.epochs import EpochClock
+from orchestrator.errors import RequestRejected
+from orchestrator.links import StoreLinks
+from orchestrator.scheduler import Scheduler
 from orchestrator.settings import OrchestratorSettings
 
 RUN = "run-test"
@@ -147,23 +149,23 @@ def test_ownership_of_items_and_upload_keys(tmp_path: Path) -> None:
     item = s.next_item(s.miners[head])
     assert item is not None and item.output_key is not None
     assert s.may_upload(s.miners[head], item.output_key) is item
-    with pytest.raises(SchedulerError) as foreign:
+    with pytest.raises(RequestRejected) as foreign:
         s.may_upload(s.miners[body], item.output_key)
     assert (foreign.value.status, foreign.value.code) == (403, "foreign_key")
-    with pytest.raises(SchedulerError) as other:
+    with pytest.raises(RequestRejected) as other:
         s.may_upload(s.miners[head], f"runs/{RUN}/{head}/something-else")
     assert other.value.code == "unexpected_key"
     stolen = CompleteRequest(run_id=RUN, session=1, item_id=item.item_id, output=ref(item.output_key))
-    with pytest.raises(SchedulerError) as not_yours:
+    with pytest.raises(RequestRejected) as not_yours:
         s.complete(s.miners[body], stolen)
     assert not_yours.value.status == 403
     wrong_key = CompleteRequest(
         run_id=RUN, session=1, item_id=item.item_id, output=ref(f"runs/{RUN}/{head}/x")
     )
-    with pytest.raises(SchedulerError) as wrong:
+    with pytest.raises(RequestRejected) as wrong:
         s.complete(s.miners[head], wrong_key)
     assert wrong.value.code == "wrong_output"
-    with pytest.raises(SchedulerError) as loss_lie:
+    with pytest.raises(RequestRejected) as loss_lie:
         s.complete(
             s.miners[head],
             CompleteRequest(
@@ -171,10 +173,10 @@ def test_ownership_of_items_and_upload_keys(tmp_path: Path) -> None:
             ),
         )
     assert loss_lie.value.code == "unexpected_loss"
-    with pytest.raises(SchedulerError) as stale:
+    with pytest.raises(RequestRejected) as stale:
         s.session_miner(head, RUN, 7)
     assert stale.value.code == "stale_session"
-    with pytest.raises(SchedulerError) as other_run:
+    with pytest.raises(RequestRejected) as other_run:
         s.session_miner(head, "run-other", 1)
     assert other_run.value.code == "run_mismatch"
 
@@ -267,7 +269,7 @@ def test_accounting_stays_exact_under_random_faults(tmp_path: Path) -> None:
             clock.now += 6  # a stall long enough for deadlines and silence
         try:
             s.session_miner(hk, RUN, miner.session)
-        except SchedulerError:
+        except RequestRejected:
             continue
         for other in hotkeys:
             if other != hk and rng.random() < 0.9:
@@ -327,14 +329,14 @@ def test_a_paused_epoch_starts_no_sample_and_carries_running_ones_over_without_c
 
     s.next_item(s.miners[head])
     finish(s, head)  # sample 1 is now waiting for stage 1
-    s.paused = True
+    s.pause()
     assert s.next_item(s.miners[head]) is None  # no new sample while the epoch drains
     assert s.next_item(s.miners[body]) is not None  # but the running one goes on
     for _ in range(3):  # carried over again and again: never dropped, never counted as a failure
         assert s.carry_over("epoch ended") == 1
-        s.paused = False
+        s.resume()
         s.next_item(s.miners[head])
-        s.paused = True
+        s.pause()
     assert s.dropped == 0 and s.attempts_failed == 0 and s.in_flight() == 1
     check_accounting(s)
     assert s.db.count_events("attempt_carried_over") == 3
@@ -343,7 +345,7 @@ def test_a_paused_epoch_starts_no_sample_and_carries_running_ones_over_without_c
 def test_a_queued_forward_wakes_one_parked_miner_that_can_take_it(tmp_path: Path) -> None:
     """With hundreds of miners per stage, waking all of them for each item makes them race for it; one
     parked miner of the item's stage that would take it is woken, the longest-waiting first."""
-    from orchestrator.service import Wakeups
+    from orchestrator.wakeups import Wakeups
 
     wakeups = Wakeups()
     s = Scheduler(
@@ -353,8 +355,7 @@ def test_a_queued_forward_wakes_one_parked_miner_that_can_take_it(tmp_path: Path
         settings=settings(),
         sample_ids=lambda n: [SampleId(shard=0, offset=n)],
         clock=Clock(),
-        notify=wakeups.notify,
-        wake_one=wakeups.wake_one,
+        wakeups=wakeups,
     )
     for hk, stage in [("head", 0), ("busy", 1), ("first", 1), ("second", 1), ("tail", 2)]:
         s.register(hk, "cpu", preferred_stage=stage)
@@ -372,8 +373,7 @@ def test_a_queued_forward_wakes_one_parked_miner_that_can_take_it(tmp_path: Path
 def epoch_clock(s: Scheduler, clock: Clock, store: ObjectStore) -> EpochClock:
     return EpochClock(
         s.db, s, s.settings, n_stages=3, stage_numel=[100, 100, 100], seed=0,
-        links=StoreLinks(store, upload_expires_s=60), clock=clock, notify=lambda hk: None,
-        collect=lambda keys: None,
+        links=StoreLinks(store, upload_expires_s=60), clock=clock,
     )  # fmt: skip
 
 

@@ -1,6 +1,6 @@
 """Attacks on the orchestrator (issue 7): each fails with the right status and leaves no trace in its state.
 
-Reuses the harness of tests/test_orchestrator_http.py: real uvicorn on loopback, real sr25519 keys, the local
+Uses the harness of tests/harness.py: real uvicorn on loopback, real sr25519 keys, the local
 chain file and an embedded S3 server. "No trace" is `state(orch)`: the scheduler's counters, assignments
 and miners, the database's rows (events, losses, samples, items, validations, garbage) and the bucket's
 objects, compared before and after the refused requests. docs/security.md maps each attack to its tests,
@@ -19,15 +19,12 @@ from typing import Any, get_args, get_origin
 import httpx
 import pytest
 import torch
-from bittensor.sp_core import Keypair
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
 from common.auth import HEADER_SIGNED_BY, RateLimiter, sign_request
-from common.chain import LocalChain
 from common.codec import encode_tensor
 from common.config import AuthSettings
-from common.keys import generate_keypair
 from common.model.stages import boundary_shape
 from common.protocol import (
     ArtifactRef,
@@ -44,54 +41,23 @@ from common.s3server import EmbeddedS3
 from orchestrator import deps
 from orchestrator.app import create_app
 from orchestrator.service import Orchestrator
-from tests import test_orchestrator_http as harness
-from tests.test_orchestrator_http import (
+from tests.harness import (
     BATCH,
-    NETUID,
     PROTOCOL_HEADERS,
+    PUBLIC_ROUTES,
     SEQ,
     Net,
+    api_routes,
     assert_error,
     boundary_payload,
+    register_validator,
     upload,
 )
 
 pytestmark = pytest.mark.timeout(60)
 
-# The harness's fixtures, by name: one S3 server and chain per module, a fresh orchestrator per test.
-s3, keys, chain_path, start, net = harness.s3, harness.keys, harness.chain_path, harness.start, harness.net
-
-# The only routes anyone may call without a signature: GET (and the HEAD Starlette adds), read-only, and
-# showing nothing a miner could use against another (no presigned URL, no credential, no session).
-PUBLIC_ROUTES: dict[str, str] = {
-    "/health": "liveness and the run id",
-    "/metrics": "Prometheus counts and timings",
-    "/dashboard": "the dashboard page (static HTML)",
-    "/v1/dashboard": "the dashboard's data: status, loss curve, merges, validators' reports",
-    "/v1/status": "the run at a glance",
-    "/v1/losses": "the loss log with each sample's pathway",
-    "/v1/merges": "what every merge did",
-    "/v1/ledger": "per-epoch accepted work and replay verdicts",
-    "/openapi.json": "the schema (docs/protocol.md is generated from it)",
-    "/docs": "FastAPI's viewer of the schema",
-    "/docs/oauth2-redirect": "part of that viewer",
-    "/redoc": "FastAPI's other viewer of the schema",
-}
+# What a public route may answer to: the routes anyone may call unsigned are tests/harness.py's PUBLIC_ROUTES.
 READ_METHODS = {"GET", "HEAD"}
-
-
-def api_routes(app: Any) -> Iterator[tuple[str, set[str], Any]]:
-    """(path, methods, route) of every route the app serves. Newer FastAPI keeps included routers lazy
-    (reached through `iter_route_contexts`); older versions list every route in `app.routes`."""
-    try:
-        from fastapi.routing import iter_route_contexts  # type: ignore[attr-defined]
-    except ImportError:
-        for route in app.routes:
-            yield route.path, set(getattr(route, "methods", None) or ()), route
-        return
-    for context in iter_route_contexts(app.routes):
-        route = context.original_route
-        yield context.path or route.path, set(context.methods or ()), route
 
 
 def _dependencies(dependant: Any) -> Iterator[Any]:
@@ -128,14 +94,6 @@ def state(orch: Orchestrator) -> dict[str, Any]:
         "scores": dict(orch.dashboard.scores),
         "objects": orch.store.list_keys(""),
     }
-
-
-def register_validator(net: Net, chain_path: Path) -> Keypair:
-    """A fresh hotkey with a validator permit and stake, known to the orchestrator at once."""
-    keypair = generate_keypair()
-    LocalChain(chain_path, NETUID).register(keypair.ss58_address, stake=10.0, validator_permit=True)
-    net.orch.registry.refresh()
-    return keypair
 
 
 # ---------------------------------------------------------------------------------------------------------

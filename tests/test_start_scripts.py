@@ -10,7 +10,6 @@ tested on the pure function (tests/test_preflight.py).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,9 +22,9 @@ import torch
 from common.chain import LocalChain
 from common.keys import create_hotkey
 from iota.devnet import Devnet, DevnetOptions
+from tests.operator_env import NETUID, base_settings, dead_port, registered_hotkey
 
 REPO = Path(__file__).resolve().parents[1]
-NETUID = 9
 # A failing start must end before a daemon's own retries would (IOTA_*_RETRY_FOR_S is 120 s): it checks
 # once and exits. Idle, a start takes about 6 s; a loaded 2-core machine has taken 30 s.
 FAST_S = 90.0
@@ -36,14 +35,6 @@ class Outcome:
     code: int
     output: str  # stdout and stderr together, as an operator sees them
     seconds: float
-
-
-def dead_port() -> int:
-    """A loopback port with nothing listening: connecting is refused at once."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def write_env(path: Path, **settings: str) -> Path:
@@ -70,29 +61,6 @@ def assert_refused(outcome: Outcome, role: str, message: str) -> None:
     assert outcome.seconds < FAST_S, outcome.output
     assert message in outcome.output, outcome.output
     assert f"not starting the {role}" in outcome.output
-
-
-def base_settings(tmp: Path, orchestrator_url: str) -> dict[str, str]:
-    """A miner's or validator's settings with a wallet folder and a local chain in `tmp`."""
-    return {
-        "IOTA_WALLET_PATH": str(tmp / "wallets"),
-        "IOTA_WALLET_NAME": "ops",
-        "IOTA_WALLET_HOTKEY": "hot",
-        "IOTA_CHAIN_BACKEND": "local",
-        "IOTA_CHAIN_LOCAL_PATH": str(tmp / "chain.json"),
-        "IOTA_CHAIN_NETUID": str(NETUID),
-        "IOTA_MINER_ORCHESTRATOR_URL": orchestrator_url,
-        "IOTA_MINER_DEVICE": "cpu",
-        "IOTA_VALIDATOR_ORCHESTRATOR_URL": orchestrator_url,
-        "IOTA_VALIDATOR_DEVICE": "cpu",
-    }
-
-
-def registered_hotkey(tmp: Path, **neuron: float | bool) -> str:
-    """The `ops/hot` hotkey in tmp's wallets, registered on tmp's local chain."""
-    ss58 = create_hotkey("ops", "hot", tmp / "wallets").ss58_address
-    LocalChain(tmp / "chain.json", NETUID).register(ss58, **neuron)  # type: ignore[arg-type]
-    return ss58
 
 
 # ---------------------------------------------------------------------------------------------------------

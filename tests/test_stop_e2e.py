@@ -22,14 +22,17 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from bench.netproxy import LoopbackProxy
 from common.protocol import RunStatus
 from common.stopping import STOP_PROMISE_S
 from iota.devnet import Devnet, DevnetOptions
-from iota.netproxy import LoopbackProxy
 from tests.faults import assigned_items, completed_by, events, freeze_holding, thaw
-from tests.test_start_scripts import base_settings, dead_port, registered_hotkey
+from tests.operator_env import base_settings, dead_port, registered_hotkey
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+WAIT_S, POLL_S = 120.0, 0.25  # how long a wait lasts unless it says, and how often it looks again
 
 if not sys.platform.startswith("linux"):
     pytest.skip("follows processes through /proc", allow_module_level=True)
@@ -62,14 +65,6 @@ def seconds_until_gone(pids: list[int], limit_s: float = 30.0) -> float:
     while any(alive(pid) for pid in pids) and time.monotonic() - started < limit_s:
         time.sleep(0.05)
     return time.monotonic() - started
-
-
-def wait_until(what: str, condition: Callable[[], bool], timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.25)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -113,7 +108,7 @@ class DevnetProcess:
             status = self.status()
             return status is not None and condition(status)
 
-        wait_until(what, met)
+        wait_for(what, met, WAIT_S, POLL_S)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -191,7 +186,7 @@ def test_a_daemon_retrying_an_unreachable_orchestrator_stops_at_once(
             except httpx.HTTPError:
                 return False
 
-        wait_until(f"the {role} runs", retrying, timeout_s=90)
+        wait_for(f"the {role} runs", retrying, timeout_s=90, poll_s=POLL_S)
         time.sleep(1.0)  # into the backoff of the retries
         started = time.monotonic()
         proc.send_signal(sig)
@@ -283,7 +278,7 @@ def test_a_miner_stops_mid_item_and_the_orchestrator_keeps_what_it_acknowledged(
                     time.time() - at > 1.0 for _, _, at in assigned_items(net, net.hotkeys[n]))]  # fmt: skip
                 return bool(stuck)
 
-            wait_until("a miner stuck holding an item", someone_stuck, timeout_s=30)
+            wait_for("a miner stuck holding an item", someone_stuck, timeout_s=30, poll_s=POLL_S)
             name, hotkey = stuck[0], net.hotkeys[stuck[0]]
             before, acknowledged = completed_by(net.status(), hotkey), done_items(net, hotkey)
             code, took = stop_and_time(net.miners[name])

@@ -16,7 +16,7 @@ from common.client import OrchestratorClient
 from common.protocol import MINERS_REGISTER, RegisterRequest
 from common.stopping import Stopping
 from common.storage import RetryPolicy, download_from_url, upload_to_url
-from tests.test_start_scripts import dead_port
+from tests.operator_env import dead_port
 
 # What a retry budget would allow without the stop: far longer than the test waits.
 LONG_BUDGET_S = 120.0

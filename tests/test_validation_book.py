@@ -11,8 +11,8 @@ import pytest
 from common.data import SampleId
 from common.protocol import ArtifactRef, DownloadSource, MergeFlag, MergeRecord, PartitionSpan, ReplayVerdict
 from orchestrator.db import Item, StateDB
-from orchestrator.merging import MergeState
-from orchestrator.scheduler import SchedulerError
+from orchestrator.stage_merge import MergeState
+from orchestrator.errors import RequestRejected
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.validation import ValidationBook
 
@@ -160,12 +160,12 @@ def test_leases_expire_to_another_validator_and_only_the_lessee_may_judge(tmp_pa
     second = vb.lease("v2")
     assert second is not None and second.task_id == first.task_id
     verdict = ReplayVerdict(passed=False, ops=1, checks=1, worst={"forward": 1.4}, failure="forward 1.4")
-    with pytest.raises(SchedulerError) as refused:
+    with pytest.raises(RequestRejected) as refused:
         vb.verdict("v1", first.task_id, verdict)  # its lease expired
     assert refused.value.status == 403
     vb.verdict("v2", second.task_id, verdict)
     assert vb.counts() == {"failed": 1}
-    with pytest.raises(SchedulerError):
+    with pytest.raises(RequestRejected):
         vb.verdict("v2", second.task_id, verdict)  # judged once
     assert [e["miner"] for e in db.events("replay_failed")] == ["m"]
 

@@ -8,11 +8,11 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings
 
-from common.config import _config
+from common.config import settings_config
 
 
 class ValidatorSettings(BaseSettings):
-    model_config = _config("IOTA_VALIDATOR_")
+    model_config = settings_config("IOTA_VALIDATOR_")
 
     orchestrator_url: str = Field("http://127.0.0.1:8000", description="Base URL of the orchestrator.")
     device: str = Field("auto", description="Where replays run: `auto` (CUDA if available), `cpu`, `cuda`.")

@@ -129,8 +129,11 @@ from common.protocol.work import (
     ItemKind,
     PresignRequest,
     WorkItem,
+    WorkKind,
     WorkRequest,
     WorkResponse,
+    is_last_stage,
+    work_kind,
 )
 
 __all__ = [
@@ -227,7 +230,10 @@ __all__ = [
     "WORK_NEXT",
     "WORK_PRESIGN",
     "WorkItem",
+    "WorkKind",
     "WorkRequest",
     "WorkResponse",
+    "is_last_stage",
     "signed_endpoints",
+    "work_kind",
 ]

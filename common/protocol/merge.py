@@ -1,5 +1,6 @@
 """Merging: a stage's merge task for one miner, its reports, the public record of what a merge did, and the
-stored checkpoints (see common.merge for the arithmetic and orchestrator.merging for the state machine)."""
+stored checkpoints (see common.merge for the arithmetic and orchestrator.stage_merge for the state
+machine)."""
 
 from __future__ import annotations
 

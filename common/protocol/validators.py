@@ -11,12 +11,13 @@ from common.data import SampleId
 from common.protocol.merge import PartitionSpan
 from common.protocol.registration import DataSpec, GlobalWeights, TrainingSpec
 from common.protocol.wire import MAX_REASON_CHARS, DownloadSource, FiniteFloat, _finite, _Message
+from common.protocol.work import WorkKind
 
 # Uids as JSON object keys (strings): 0 to 65535, no sign, no leading zeros.
 _UID_KEY = "^(0|[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"
 
 
-ReplayKind = Literal["forward", "backward", "tail"]
+ReplayKind = WorkKind  # a replay redoes one item, of the kind it was
 CheckKind = Literal["forward", "backward", "tail_grad", "loss", "pseudo_gradient", "steps"]
 
 

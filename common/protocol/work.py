@@ -27,6 +27,19 @@ class WorkRequest(SessionRequest):
 
 
 ItemKind = Literal["forward", "backward"]
+# What an item does, which the wire's `kind` and `stage` say together: the tail is a forward at the last
+# stage, which also computes the loss and runs its own backward at once (one optimizer step, no backward
+# item, no forward state kept). Metrics, replays and the scheduler's rules all turn on it.
+WorkKind = Literal["forward", "backward", "tail"]
+
+
+def is_last_stage(stage: int, n_stages: int) -> bool:
+    return stage == n_stages - 1
+
+
+def work_kind(kind: ItemKind, stage: int, n_stages: int) -> WorkKind:
+    """forward, backward, or tail (the last stage's combined forward, loss and backward)."""
+    return "tail" if kind == "forward" and is_last_stage(stage, n_stages) else kind
 
 
 class WorkItem(_Message):

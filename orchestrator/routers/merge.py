@@ -1,4 +1,4 @@
-"""Merging: a miner reports the phase of the merge it was given (see `orchestrator.merging`)."""
+"""Merging: a miner reports the phase of the merge it was given (see `orchestrator.stage_merge`)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,5 @@ router = APIRouter(tags=["merge"])
 @serve(router, MERGE_REPORT)
 async def report(req: Signed, orch: Orch, body: MergeReportRequest = SignedBody(MERGE_REPORT)) -> Ack:
     """Report a merge phase done: the pseudo-gradient uploaded, partitions reduced, or the step applied."""
-    miner = orch.scheduler.session_miner(req.hotkey, body.run_id, body.session)
-    orch.epochs.report(miner, body.epoch, body.stage, body.report)
+    orch.merge_report(req.hotkey, body)
     return Ack()

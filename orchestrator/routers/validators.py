@@ -21,7 +21,7 @@ from common.protocol import (
     VerdictRequest,
 )
 from orchestrator.deps import Orch, SignedBody, Validator, serve
-from orchestrator.scheduler import SchedulerError
+from orchestrator.errors import RequestRejected
 
 router = APIRouter(tags=["validators"])
 
@@ -30,7 +30,7 @@ _POLL_S = 0.5  # how often a held task request looks again; tasks appear only wh
 
 def _same_run(orch: Orch, run_id: str) -> None:
     if run_id != orch.run_id:
-        raise SchedulerError(409, "run_mismatch", f"this orchestrator runs {orch.run_id}; register again")
+        raise RequestRejected(409, "run_mismatch", f"this orchestrator runs {orch.run_id}; register again")
 
 
 @serve(router, VALIDATORS_REGISTER)
@@ -39,7 +39,7 @@ async def register(
 ) -> ValidatorRegisterResponse:
     """Join as a validator: the run's model, data and training settings, to replay miners' work with."""
     if body.corpus_fingerprint != orch.spec.data.fingerprint:
-        raise SchedulerError(
+        raise RequestRejected(
             409,
             "corpus_mismatch",
             f"your corpus fingerprint {body.corpus_fingerprint[:12]} differs from the run's "

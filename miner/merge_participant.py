@@ -1,5 +1,5 @@
 """The miner's side of a merge: it keeps the start-of-epoch weights and the outer momentum, and does the
-three phases the orchestrator hands it (see `orchestrator.merging` for the whole protocol).
+three phases the orchestrator hands it (see `orchestrator.stage_merge` for the whole protocol).
 
 Every download is checked against the size and sha256 the orchestrator vouched for, then decoded by the
 codec (shape, dtype, finiteness); a participant's slice that fails is reported as a bad source rather than

@@ -1,7 +1,8 @@
 """One stage's merge run in one process: the orchestrator's state machine and finalize step, and one
 `MergeParticipant` per replica, with every transfer through real presigned S3 URLs. No HTTP between them:
-the reports go straight into the state machine. For the merge benchmark and tests that need many replicas
-on one machine; the devnet runs the same code over HTTP, one process per miner.
+the reports go straight into the state machine. For the merge benchmark (bench/merge.py) and the tests that
+need many replicas on one machine (tests/test_merge_protocol.py); the devnet runs the same code over HTTP, one
+process per miner. Not shipped: no role runs a merge this way.
 """
 
 from __future__ import annotations
@@ -14,20 +15,20 @@ from common.checkpoints import StoredCheckpoint
 from common.model import ModelConfig
 from common.protocol import MergeTask
 from common.storage import ObjectStore
-from miner.merging import MergeParticipant
-from orchestrator.epochs import StoreLinks
-from orchestrator.merge_jobs import run_finalize
-from orchestrator.merging import StageMerge
+from miner.merge_participant import MergeParticipant
+from orchestrator.links import StoreLinks
+from orchestrator.merge_finalize import run_finalize
+from orchestrator.stage_merge import StageMerge
 
 
 @dataclass
-class LocalMergeResult:
+class MergeInProcessResult:
     merge: StageMerge
     wall_s: float
     orchestrator_s: float  # of which in the orchestrator's finalize step
 
 
-def run_local_merge(
+def run_merge_in_process(
     participants: dict[str, MergeParticipant],
     *,
     store: ObjectStore,
@@ -41,7 +42,7 @@ def run_local_merge(
     clip_factor: float = 2.0,
     timeout_s: float = 600.0,
     threads: int = 4,
-) -> LocalMergeResult:
+) -> MergeInProcessResult:
     """Drive one merge to its end. `participants` maps hotkey to its replica; only those in `accepted`
     (hotkey -> optimizer steps) take part, as the orchestrator would choose them."""
     any_participant = next(iter(participants.values()))
@@ -86,7 +87,7 @@ def run_local_merge(
 
             for hotkey, report in pool.map(work, tasks.items()):
                 merge.report(hotkey, report)  # type: ignore[arg-type]
-    return LocalMergeResult(merge=merge, wall_s=time.perf_counter() - started, orchestrator_s=finalize_s)
+    return MergeInProcessResult(merge=merge, wall_s=time.perf_counter() - started, orchestrator_s=finalize_s)
 
 
-__all__ = ["LocalMergeResult", "run_local_merge"]
+__all__ = ["MergeInProcessResult", "run_merge_in_process"]

@@ -20,7 +20,7 @@ from common.merge import (
 from common.model import ModelConfig
 from common.protocol import ArtifactRef, MergeFlag
 from common.storage import ObjectStore
-from orchestrator.merging import FinalizeJob, FinalizeResult
+from orchestrator.stage_merge import FinalizeJob, FinalizeResult
 
 # A reducer whose result differs in bits but lies this close to the orchestrator's is honest: float sums
 # in another order (another CPU's vector width) round differently. Anything further is a wrong partition.

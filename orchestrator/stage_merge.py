@@ -8,7 +8,7 @@
 - reduce: every partition goes to two reducers (`common.merge.assign_reducers`). Each downloads the other
   participants' slices and uploads the clipped, work-weighted mean with its hash. A reducer that misses the
   deadline is replaced once by a participant that did report.
-- finalize (the orchestrator, in a thread, `orchestrator.merge_jobs`): a partition whose two reducers agree
+- finalize (the orchestrator, in a thread, `orchestrator.merge_finalize`): a partition whose two reducers agree
   bit for bit is taken as is; any other (disagreement, a missing reducer, a reducer blaming a slice) is
   recomputed by the orchestrator from the slices themselves, and a reducer whose result differs is flagged.
   A participant whose own upload is bad is thrown out and the reduce phase starts again without it. Then the
@@ -46,9 +46,9 @@ from common.protocol import (
     UploadReport,
     UploadTarget,
 )
-from orchestrator.scheduler import SchedulerError
+from orchestrator.errors import RequestRejected
 
-MergeStage = Literal["upload", "reduce", "finalize", "apply", "done", "rolled_back"]
+MergePhase = Literal["upload", "reduce", "finalize", "apply", "done", "rolled_back"]
 REDUNDANCY = 2
 # Phases before apply must all fit in this many phase timeouts, or the merge rolls back.
 _MAX_PHASES_BEFORE_APPLY = 6
@@ -69,7 +69,7 @@ class MergeState(BaseModel):
     version: int
     numel: int
     partitions: list[PartitionSpan]
-    phase: MergeStage = "upload"
+    phase: MergePhase = "upload"
     started_at: float
     deadline: float
     accepted: dict[str, int] = Field(description="Participant -> optimizer steps the orchestrator accepted.")
@@ -158,7 +158,7 @@ class StageMerge:
     # -- who and where ------------------------------------------------------------------------------------
 
     @property
-    def phase(self) -> MergeStage:
+    def phase(self) -> MergePhase:
         return self.state.phase
 
     @property
@@ -264,11 +264,11 @@ class StageMerge:
     def report(self, hotkey: str, report: UploadReport | ReduceReport | ApplyReport) -> None:
         s = self.state
         if hotkey not in s.accepted:
-            raise SchedulerError(403, "not_a_participant", "you are not a participant of this merge")
+            raise RequestRejected(403, "not_a_participant", "you are not a participant of this merge")
         if hotkey in s.excluded:
-            raise SchedulerError(409, "excluded", f"you were left out of this merge: {s.excluded[hotkey]}")
+            raise RequestRejected(409, "excluded", f"you were left out of this merge: {s.excluded[hotkey]}")
         if report.phase != s.phase:
-            raise SchedulerError(409, "wrong_phase", f"the merge is in phase {s.phase}, not {report.phase}")
+            raise RequestRejected(409, "wrong_phase", f"the merge is in phase {s.phase}, not {report.phase}")
         if isinstance(report, UploadReport):
             self._upload_report(hotkey, report)
         elif isinstance(report, ReduceReport):
@@ -279,18 +279,18 @@ class StageMerge:
     def _check_ref(self, ref: ArtifactRef, key: str, partition: int) -> None:
         span = self.state.partitions[partition]
         if ref.key != key:
-            raise SchedulerError(422, "wrong_output", f"partition {partition} must be uploaded to {key}")
+            raise RequestRejected(422, "wrong_output", f"partition {partition} must be uploaded to {key}")
         if ref.size > slice_limit(span.end - span.start):
-            raise SchedulerError(422, "too_large", f"partition {partition} cannot take {ref.size} bytes")
+            raise RequestRejected(422, "too_large", f"partition {partition} cannot take {ref.size} bytes")
 
     def _upload_report(self, hotkey: str, report: UploadReport) -> None:
         s = self.state
         if hotkey in s.pg:
             if s.pg[hotkey] == list(report.parts):
                 return  # a retried request whose first answer was lost
-            raise SchedulerError(409, "already_reported", "your pseudo-gradient is already in")
+            raise RequestRejected(409, "already_reported", "your pseudo-gradient is already in")
         if len(report.parts) != len(s.partitions):
-            raise SchedulerError(422, "wrong_parts", f"upload exactly {len(s.partitions)} partitions")
+            raise RequestRejected(422, "wrong_parts", f"upload exactly {len(s.partitions)} partitions")
         for p, ref in enumerate(report.parts):
             self._check_ref(ref, self.pg_key(hotkey, p), p)
         s.claimed[hotkey] = report.steps
@@ -308,14 +308,14 @@ class StageMerge:
         mine = {p for p, rs in s.reducers.items() if hotkey in rs} - done
         given = {r.partition for r in report.results}
         if len(given) != len(report.results) or not given <= mine:
-            raise SchedulerError(
+            raise RequestRejected(
                 422, "not_your_partition", f"you reduce partitions {sorted(mine)}, once each"
             )
         members = set(self.members())
         if any(h not in members or h == hotkey for h in report.bad_sources):
-            raise SchedulerError(422, "unknown_source", "bad_sources must name other participants")
+            raise RequestRejected(422, "unknown_source", "bad_sources must name other participants")
         if not report.bad_sources and given != mine:
-            raise SchedulerError(422, "missing_partitions", f"report all of partitions {sorted(mine)}")
+            raise RequestRejected(422, "missing_partitions", f"report all of partitions {sorted(mine)}")
         for r in report.results:
             self._check_ref(r.output, self.reduce_key(hotkey, r.partition), r.partition)
         for r in report.results:
@@ -331,9 +331,9 @@ class StageMerge:
         s = self.state
         assert s.checkpoint is not None
         if hotkey not in self.members():
-            raise SchedulerError(409, "not_a_member", "your pseudo-gradient is not in this merge")
+            raise RequestRejected(409, "not_a_member", "your pseudo-gradient is not in this merge")
         if report.version != s.version + 1:
-            raise SchedulerError(422, "wrong_version", f"the merge makes version {s.version + 1}")
+            raise RequestRejected(422, "wrong_version", f"the merge makes version {s.version + 1}")
         if hotkey in s.applied:
             return
         s.applied[hotkey] = report.weights_sha256

@@ -1,8 +1,8 @@
 """A loopback TCP proxy that counts the bytes it carries and injects network faults, switchable at run time.
 
 `bench/wire.py --s3` counts the bytes of one pipeline hop through it; the fault tests
-(`tests/test_faults_e2e.py`) put it between one miner and the orchestrator, or between everybody and S3, and
-switch its `mode`:
+(`tests/test_faults_e2e.py`, `tests/test_stop_e2e.py`) put it between one miner and the orchestrator, or
+between everybody and S3, and switch its `mode` (not shipped: no role runs it):
 
 - `pass`: carry the bytes both ways (the default);
 - `cut`: reset every open connection, and every new one as soon as it is accepted: a dead link;
