@@ -111,8 +111,8 @@ def run_orchestrator(
 ) -> None:
     """Run the orchestrator: stage assignment, work routing through S3, the run's record."""
     from common.stopping import exit_now
+    from orchestrator.run import RunMismatch
     from orchestrator.server import build_orchestrator, serve
-    from orchestrator.service import RunMismatch
 
     _log_options(json_logs, log_level, "orchestrator")
     try:

@@ -47,7 +47,9 @@ from common.protocol import (
     RegisterResponse,
     UploadReport,
     WorkItem,
+    WorkKind,
     WorkRequest,
+    work_kind,
 )
 from common.stopping import Stopping
 from common.storage import StorageError, download_from_url, upload_to_url
@@ -400,7 +402,7 @@ class MinerWorker:
 
     def _compute(self, item: WorkItem) -> tuple[bytes | None, float | None]:
         trainer, cfg, reg = self._trainer(), self._cfg(), self._session()
-        last = cfg.n_stages - 1
+        kind = work_kind(item.kind, item.stage, cfg.n_stages)
         if item.stage != reg.stage:
             raise TrainerError(f"item {item.item_id} is for stage {item.stage}; this miner runs {reg.stage}")
         if item.kind == "backward" and item.forward_item is None:
@@ -409,19 +411,18 @@ class MinerWorker:
         loss = None
         started = time.perf_counter()
         with self.timings.measure("compute"):
-            if item.kind == "forward" and item.stage == last:
+            if kind == "tail":
                 loss, out = trainer.tail_step(x, self._tokens(item))
-            elif item.kind == "forward":
+            elif kind == "forward":
                 tokens = self._tokens(item) if trainer.module.needs_tokens else None  # never at the head
                 out = self._forward_evicting(item.item_id, x, tokens)
             else:
                 out = trainer.backward(item.forward_item or "", x)
-        self.metrics.item_seconds.labels(self._kind(item)).observe(time.perf_counter() - started)
+        self.metrics.item_seconds.labels(kind).observe(time.perf_counter() - started)
         return (None if out is None else self._encode(out)), loss
 
-    def _kind(self, item: WorkItem) -> str:
-        """forward, backward, or tail (the last stage's combined forward and backward)."""
-        return "tail" if item.kind == "forward" and item.stage == self._cfg().n_stages - 1 else item.kind
+    def _kind(self, item: WorkItem) -> WorkKind:
+        return work_kind(item.kind, item.stage, self._cfg().n_stages)
 
     def _forward_evicting(self, item_id: str, x: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
         trainer = self._trainer()

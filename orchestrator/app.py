@@ -17,9 +17,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from common.auth import AuthHTTPException
 from common.protocol import HEADER_PROTOCOL, HEADER_RUN, PROTOCOL_VERSION, ErrorBody
 from common.protocol.endpoints import signed_endpoints
+from orchestrator.errors import RequestRejected
 from orchestrator.loops import background_loops
 from orchestrator.routers import dashboard, merge, metrics, miners, public, validators, work
-from orchestrator.errors import RequestRejected
 from orchestrator.service import Orchestrator
 
 _CODES = {

@@ -45,10 +45,7 @@ Signed = Annotated[VerifiedRequest, Depends(signed)]
 
 async def validator(request: Request, req: Signed) -> VerifiedRequest:
     """A signed request from a hotkey with a validator permit and enough stake; 403 for anyone else."""
-    orch = orchestrator_of(request)
-    problem = orch.registry.validator_problem(req.hotkey, orch.settings.validator_min_stake)
-    if problem is not None:
-        raise RequestRejected(403, "not_a_validator", problem)
+    orchestrator_of(request).check_validator(req.hotkey)
     return req
 
 

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import Metric
 
 from common.metrics import SECONDS_BUCKETS, StateCollector, counter, gauge, labelled_counter, labelled_gauge
-from common.protocol import MinerConsensus
+from common.protocol import MinerConsensus, work_kind
 from orchestrator.dashboard_state import consensus
 from orchestrator.db import Item
 from orchestrator.stage_merge import MergeState
@@ -32,11 +32,6 @@ _EPOCH_PHASES = ("training", "draining", "merging")
 _MERGE_PHASES = ("idle", "upload", "reduce", "finalize", "apply")
 _VERDICTS = ("passed", "failed", "skipped", "expired")  # a replay task's final states
 _LOSS_BUCKETS = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, math.inf)
-
-
-def item_kind(it: Item, n_stages: int) -> str:
-    """forward, backward, or tail (the last stage's combined forward and backward)."""
-    return "tail" if it.kind == "forward" and it.stage == n_stages - 1 else it.kind
 
 
 class OrchestratorMetrics:
@@ -76,7 +71,7 @@ class OrchestratorMetrics:
     # -- events -------------------------------------------------------------------------------------------
 
     def item_done(self, it: Item) -> None:
-        kind = item_kind(it, self.n_stages)
+        kind = work_kind(it.kind, it.stage, self.n_stages)
         self.items.labels(kind).inc()
         if it.assigned_at is not None and it.completed_at is not None:
             self.item_latency.labels(kind).observe(max(0.0, it.completed_at - it.assigned_at))

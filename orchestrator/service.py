@@ -67,7 +67,8 @@ from orchestrator.wakeups import Wakeups
 
 log = logging.getLogger("iota.orchestrator")
 
-_VALIDATOR_POLL_S = 0.5  # how often a held replay-task request looks again; tasks appear only when merges close
+# How often a held replay-task request looks again; tasks appear only when merges close.
+_VALIDATOR_POLL_S = 0.5
 
 
 class Orchestrator:
@@ -140,7 +141,7 @@ class Orchestrator:
         return self.schedule.batch(sample, self.spec.data.batch_size)
 
     def spawn(self, job: Coroutine[Any, Any, None]) -> None:
-        """Run `job` in the background; the loop keeps only weak references to tasks, so they are kept here."""
+        """Run `job` in the background (the loop keeps only weak references to tasks: hold them here)."""
         task = asyncio.get_running_loop().create_task(job)
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
@@ -180,7 +181,9 @@ class Orchestrator:
 
     def _same_run(self, run_id: str) -> None:
         if run_id != self.run_id:
-            raise RequestRejected(409, "run_mismatch", f"this orchestrator runs {self.run_id}; register again")
+            raise RequestRejected(
+                409, "run_mismatch", f"this orchestrator runs {self.run_id}; register again"
+            )
 
     def _same_corpus(self, fingerprint: str) -> None:
         if fingerprint != self.spec.data.fingerprint:

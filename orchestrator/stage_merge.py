@@ -8,11 +8,12 @@
 - reduce: every partition goes to two reducers (`common.merge.assign_reducers`). Each downloads the other
   participants' slices and uploads the clipped, work-weighted mean with its hash. A reducer that misses the
   deadline is replaced once by a participant that did report.
-- finalize (the orchestrator, in a thread, `orchestrator.merge_finalize`): a partition whose two reducers agree
-  bit for bit is taken as is; any other (disagreement, a missing reducer, a reducer blaming a slice) is
-  recomputed by the orchestrator from the slices themselves, and a reducer whose result differs is flagged.
-  A participant whose own upload is bad is thrown out and the reduce phase starts again without it. Then the
-  orchestrator takes the outer Nesterov step itself and stores the result as the stage's checkpoint.
+- finalize (the orchestrator, in a thread, `orchestrator.merge_finalize`): a partition whose two reducers
+  agree bit for bit is taken as is; any other (disagreement, a missing reducer, a reducer blaming a slice)
+  is recomputed by the orchestrator from the slices themselves, and a reducer whose result differs is
+  flagged. A participant whose own upload is bad is thrown out and the reduce phase starts again without
+  it. Then the orchestrator takes the outer Nesterov step itself and stores the result as the stage's
+  checkpoint.
 - apply: every participant downloads the merged partitions it did not compute, takes the same outer step and
   reports the digest of its new weights; a digest other than the checkpoint's is flagged, and that miner,
   like every late one, reloads the checkpoint before it trains again.

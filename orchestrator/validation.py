@@ -34,11 +34,13 @@ from common.protocol import (
     ReplayVerdict,
     ValidationTask,
     VerdictRecord,
+    is_last_stage,
+    work_kind,
 )
 from orchestrator.db import Item, StateDB
-from orchestrator.stage_merge import MergeState
 from orchestrator.errors import RequestRejected
 from orchestrator.settings import OrchestratorSettings
+from orchestrator.stage_merge import MergeState
 
 
 class Shadow(BaseModel):
@@ -179,7 +181,7 @@ class ValidationBook:
         return [self._op(it, backed) for it in items]
 
     def _op(self, it: Item, backed: set[str | None]) -> ReplayOp:
-        last = self.n_stages - 1
+        kind = work_kind(it.kind, it.stage, self.n_stages)
         source = self._source
         if it.kind == "backward":
             return ReplayOp(
@@ -191,11 +193,11 @@ class ValidationBook:
             )
         return ReplayOp(
             item_id=it.item_id,
-            kind="tail" if it.stage == last else "forward",
+            kind=kind,
             samples=self.sample_ids(it.sample),
             input=source(it.input),
             output=source(it.output),
-            loss=it.loss if it.stage == last else None,
+            loss=it.loss if kind == "tail" else None,
             backward_follows=it.item_id in backed,
         )
 
@@ -242,7 +244,7 @@ class ValidationBook:
                     hotkey=hotkey,
                     stage=stage,
                     # A tail item is a forward and a backward in one: paid as two, like the stages above.
-                    items=count * 2 if stage == self.n_stages - 1 else count,
+                    items=count * 2 if is_last_stage(stage, self.n_stages) else count,
                     partitions=record.reduced.get(hotkey, 0) if record else 0,
                     merged=bool(record and hotkey in record.participants and hotkey not in record.excluded),
                     flags=[f.reason for f in record.flagged if f.hotkey == hotkey] if record else [],

@@ -52,9 +52,9 @@ from common.protocol import (
     ScoresReport,
     signed_endpoints,
 )
+from orchestrator import views
 from orchestrator.app import create_app
 from orchestrator.deps import BodyDependency
-from orchestrator.routers import public
 from tests.harness import PUBLIC_ROUTES, Net, api_routes, register_validator
 
 pytestmark = pytest.mark.timeout(240)
@@ -242,7 +242,7 @@ def test_an_unexpected_failure_is_a_500_error_body(
     def broken(orch: Any) -> None:
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(public, "run_status", broken)
+    monkeypatch.setattr(views, "run_status", broken)
     resp = httpx.get(f"{net.base_url}/v1/status")
     assert resp.status_code == 500
     assert ErrorBody.model_validate_json(resp.content).code == "internal_error"

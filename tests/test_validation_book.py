@@ -11,9 +11,9 @@ import pytest
 from common.data import SampleId
 from common.protocol import ArtifactRef, DownloadSource, MergeFlag, MergeRecord, PartitionSpan, ReplayVerdict
 from orchestrator.db import Item, StateDB
-from orchestrator.stage_merge import MergeState
 from orchestrator.errors import RequestRejected
 from orchestrator.settings import OrchestratorSettings
+from orchestrator.stage_merge import MergeState
 from orchestrator.validation import ValidationBook
 
 N_STAGES = 3

@@ -59,6 +59,7 @@ from common.protocol import (
     ReplayVerdict,
     TrainingSpec,
     ValidationTask,
+    is_last_stage,
 )
 from common.training import StageTrainer, TrainerError
 from common.wire import BoundaryWire
@@ -208,7 +209,7 @@ class _Replay:
             raise ReplayError("the local corpus is not the run's (fingerprints differ)")
         self.task, self.training, self.data, self.corpus = task, training, data, corpus
         self.fetch, self.tol, self.on_check, self.horizon = fetch, tolerances, on_check, horizon
-        self.is_head, self.is_tail = task.stage == 0, task.stage == cfg.n_stages - 1
+        self.is_head, self.is_tail = task.stage == 0, is_last_stage(task.stage, cfg.n_stages)
         self.wire = BoundaryWire.of(cfg, data.batch_size, data.seq_len, training)
         self.trainer = StageTrainer(
             cfg, task.stage, training, seed=task.weights.seed, device=device, autocast=autocast
