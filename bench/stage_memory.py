@@ -49,23 +49,9 @@ def measure_stage(
     generator = torch.Generator(device="cpu").manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq), generator=generator).to(device)
     boundary = torch.randn(batch, seq, cfg.bottleneck_dim, generator=generator).to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def one_step() -> None:
-        pending = []
-        for _ in range(in_flight):
-            x = tokens if module.is_head else boundary.clone().requires_grad_(True)
-            with autocast:
-                out = module(x, tokens)
-            pending.append(out)
-        for out in pending:
-            if module.is_tail:
-                next_token_loss(out, tokens).backward()
-            else:
-                out.backward(torch.ones_like(out) * 1e-3)
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(module, optimizer, tokens, boundary, in_flight)
 
     one_step()  # warm-up: allocates optimizer state and autotunes kernels
     if device.type == "cuda":
@@ -133,7 +119,7 @@ def train_step(
     boundary: torch.Tensor,
     in_flight: int,
 ) -> None:
-    """One training step as `measure_stage` runs it: `in_flight` forwards, their backwards, one step."""
+    """One training step as a miner runs it: `in_flight` forwards, their backwards, one step."""
     device = tokens.device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     pending = []
