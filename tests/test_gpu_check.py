@@ -40,6 +40,19 @@ def script_env() -> dict[str, str]:
     return env
 
 
+def run_script(cwd: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`scripts/gpu_check.sh ARGS` as an operator runs it, from `cwd`, without the caller's IOTA_ settings."""
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        cwd=cwd,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def numbers(value: Any) -> list[float]:
     """Every int and float anywhere in a JSON value (booleans are not figures)."""
     if isinstance(value, bool):
@@ -57,15 +70,7 @@ def numbers(value: Any) -> list[float]:
 @pytest.mark.timeout(600)
 def test_the_dry_run_runs_every_step_on_the_cpu(tmp_path: Path) -> None:
     out = tmp_path / "gpu_check.json"
-    done = subprocess.run(
-        ["bash", str(SCRIPT), "--dry-run", "--out", str(out)],
-        cwd=tmp_path,
-        env=script_env(),
-        capture_output=True,
-        text=True,
-        timeout=540,
-        check=False,
-    )
+    done = run_script(tmp_path, "--dry-run", "--out", str(out), timeout=540)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
     assert report["dry_run"] is True and report["ok"] is True
@@ -121,15 +126,7 @@ def test_without_cuda_the_real_check_refuses_to_start(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     out = tmp_path / "gpu_check.json"
-    done = subprocess.run(
-        ["bash", str(SCRIPT), "--out", str(out)],
-        cwd=tmp_path,
-        env=script_env(),
-        capture_output=True,
-        text=True,
-        timeout=100,
-        check=False,
-    )
+    done = run_script(tmp_path, "--out", str(out), timeout=100)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "gpu_check: no CUDA device" in done.stderr and "--dry-run" in done.stderr
     assert not out.exists()
